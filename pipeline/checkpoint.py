@@ -1,0 +1,118 @@
+"""Hugging Face Gemma 2 checkpoint I/O: safetensors and JSON only, never pickle.
+
+Loading builds the model on the meta device and fills it tensor by tensor straight onto the target device
+and dtype, so a 54 GB bf16 27B teacher loads onto one 80 GB GPU with no float32 or host-memory copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_path, read_json, sha256_file
+from pipeline.model import Gemma2, Gemma2Config
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Keys some exporters add that carry no information for a tied Gemma 2.
+IGNORED_KEYS = ("lm_head.weight",)
+
+
+def load_config(path: str | Path) -> Gemma2Config:
+    path = Path(path)
+    if not path.is_dir():
+        raise PipelineError(f"{path}: not a directory; pass a Hugging Face Gemma 2 checkpoint directory")
+    raw = read_json(path / "config.json", "a Gemma 2 checkpoint directory needs config.json")
+    try:
+        return Gemma2Config.from_hf(raw)
+    except PipelineError as e:
+        raise PipelineError(f"{path / 'config.json'}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single or sharded (via the index)."""
+    if (path / INDEX).is_file():
+        index = read_json(path / INDEX, "the shard index")
+        files = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise PipelineError(f"{path}: shard {missing[0]} listed in {INDEX} is missing; copy the whole checkpoint")
+        return [path / f for f in files]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise PipelineError(f"{path}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first")
+    raise PipelineError(f"{path}: no {SINGLE} or {INDEX}; not a Hugging Face safetensors checkpoint")
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "auto",
+) -> Gemma2:
+    """Loads a HF Gemma 2 directory. dtype None keeps the stored dtype; device None is the CPU."""
+    path = Path(path)
+    cfg = load_config(path)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Gemma2(cfg, attn_implementation)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name in IGNORED_KEYS:
+                    continue
+                if name not in expected:
+                    raise PipelineError(f"{file}: unexpected tensor {name!r}; this is not a Gemma 2 checkpoint of this config")
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise PipelineError(
+                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
+                    )
+                state[name] = tensor.to(dtype) if dtype is not None else tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise PipelineError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); the checkpoint is incomplete")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model: Gemma2, path: str | Path, tokenizer: str | Path | None = None) -> None:
+    """Writes a HF Gemma 2 directory that `Gemma2ForCausalLM.from_pretrained` loads; atomic: the folder
+    appears complete or not at all."""
+    path = Path(path)
+    model = getattr(model, "module", model)
+    state = {name: p.detach().to("cpu").contiguous() for name, p in model.state_dict().items()}
+    dtype = next(iter(state.values())).dtype
+    config = model.config.to_hf()
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / SINGLE, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                      "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over the config (canonical JSON) and every weight file's bytes: identifies a teacher."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    raw = read_json(path / "config.json", "a Gemma 2 checkpoint directory needs config.json")
+    digest.update(json.dumps(Gemma2Config.from_hf(raw).to_hf(), sort_keys=True).encode())
+    for file in weight_files(path):
+        digest.update(file.name.encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()

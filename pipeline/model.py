@@ -1,0 +1,389 @@
+"""The Gemma 2 decoder, written to match Hugging Face's `Gemma2ForCausalLM` (eager attention) exactly.
+
+Read top-down: the config, the named presets, RoPE, then the modules. No I/O and no parallelism here;
+checkpoint logic lives in `pipeline.checkpoint`. Parameter names follow the HF checkpoint keys so loading
+is an identity map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclass(frozen=True)
+class Gemma2Config:
+    """Architecture of one Gemma 2 model; field names are Hugging Face config.json's."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int = 4096
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    attn_logit_softcapping: float | None = 50.0
+    final_logit_softcapping: float | None = 30.0
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    bos_token_id: int = 2
+    layer_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            # Gemma 2 alternates: even layers (0, 2, ...) slide, odd layers are global; the last is global.
+            types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
+            object.__setattr__(self, "layer_types", types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise PipelineError(
+                f"config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise PipelineError(f"config: unknown layer_types {sorted(unknown)}; use {SLIDING!r} or {FULL!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise PipelineError("config: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise PipelineError(f"config: hidden_activation {self.hidden_activation!r} is not Gemma 2's tanh GELU")
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> Gemma2Config:
+        """Builds a config from a config.json dict; accepts `rope_theta` and newer `rope_parameters`."""
+        model_type = raw.get("model_type")
+        if model_type != "gemma2":
+            raise PipelineError(f"config.json: model_type is {model_type!r}, expected 'gemma2'")
+        if raw.get("tie_word_embeddings", True) is False:
+            raise PipelineError("config.json: tie_word_embeddings=false is not Gemma 2; the head must be tied")
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise PipelineError(f"config.json: rope_type {rope.get('rope_type')!r} is not supported (only default)")
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw and raw[f.name] is not None}
+        values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        values["layer_types"] = tuple(raw.get("layer_types") or ())
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(values.get(key), list):
+                values[key] = values[key][0]
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise PipelineError(f"config.json: missing fields {missing}")
+        return cls(**values)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict that transformers' Gemma2ForCausalLM reads (old and new field names)."""
+        raw = dataclasses.asdict(self)
+        raw["layer_types"] = list(self.layer_types)
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        raw.update(
+            model_type="gemma2",
+            architectures=["Gemma2ForCausalLM"],
+            tie_word_embeddings=True,
+            attention_bias=False,
+            attention_dropout=0.0,
+            hidden_act=self.hidden_activation,
+            use_cache=True,
+        )
+        return raw
+
+    def num_parameters(self) -> int:
+        """Parameters of the tied model (the embedding counted once), as HF reports them."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * h * self.intermediate_size
+        return self.vocab_size * h + self.num_hidden_layers * (attn + mlp + 4 * h) + h
+
+
+def _preset(**kw: Any) -> Gemma2Config:
+    return Gemma2Config(**kw)
+
+
+# Real shapes from the published config.json files; demo sizes are for a 2-core CPU and a 4096-piece
+# vocabulary (they take the cache's vocabulary when trained as students).
+PRESETS: dict[str, Gemma2Config] = {
+    "gemma-2-2b": _preset(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    ),
+    "gemma-2-9b": _preset(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+    ),
+    "gemma-2-27b": _preset(
+        vocab_size=256000, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+        num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144,
+    ),
+    "demo-teacher": _preset(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+        sliding_window=64, max_position_embeddings=1024,
+    ),
+    "demo-student-s": _preset(
+        vocab_size=4096, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=48, query_pre_attn_scalar=48,
+        sliding_window=64, max_position_embeddings=1024,
+    ),
+    "demo-student-m": _preset(
+        vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=64, max_position_embeddings=1024,
+    ),
+    "debug": _preset(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, max_position_embeddings=512,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> Gemma2Config:
+    """Looks a preset up by exact name; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        raise PipelineError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# --- RoPE (half-split "NeoX" pairing: element j rotates with j + d/2) ---------------------------------
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, d] computed in float32 then cast once, as HF does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+# --- Attention masks and the two attention paths --------------------------------------------------
+
+
+def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal, and for sliding layers the W most recent keys including the query itself: a key at
+    distance exactly W is masked (q_pos - W < k_pos <= q_pos)."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    return allowed
+
+
+def math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None, window: int | None
+) -> torch.Tensor:
+    """Explicit attention, the CPU reference. q [B, nh, T, d], k/v [B, nk, T, d]."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # Soft-cap *before* the mask: capping a masked -inf score would turn it into -cap and leak probability.
+    scores = softcap(scores, cap)
+    pos = torch.arange(q.shape[2], device=q.device)
+    allowed = attention_allowed(pos[:, None], pos[None, :], window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+_FLEX_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def _flex_fn(compiled: bool) -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if "compiled" not in _FLEX_CACHE:
+        _FLEX_CACHE["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_CACHE["compiled"]
+
+
+def _block_mask(length: int, window: int | None, device: torch.device) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("mask", length, window, str(device))
+    if key not in _FLEX_CACHE:
+
+        def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return attention_allowed(q_idx, kv_idx, window)
+
+        _FLEX_CACHE[key] = create_block_mask(mask_mod, None, None, length, length, device=device)
+    return _FLEX_CACHE[key]
+
+
+def flex_attention_path(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None, window: int | None
+) -> torch.Tensor:
+    """The CUDA fast path: the soft-cap lives in the score_mod (flex applies it after the scale and before
+    the mask), causal / sliding-window structure in a block mask so masked blocks are skipped."""
+
+    def score_mod(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+        return score if cap is None else cap * torch.tanh(score / cap)
+
+    flex = _flex_fn(compiled=q.is_cuda)
+    block_mask = _block_mask(q.shape[2], window, q.device)
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+# --- Modules ----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: float32 math, weight stored as an offset from 1, one cast back at the end."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma2Config, layer: int) -> None:
+        super().__init__()
+        self.nh, self.nk, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nk * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nk * self.d, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
+        # query_pre_attn_scalar, not head_dim: 144 = hidden/heads for the 27B, whose head_dim is 128.
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.cap = cfg.attn_logit_softcapping
+        self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.nh, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        window = self.window if self.window is not None and self.window < t else None
+        attend = flex_attention_path if impl == "flex" else math_attention
+        out = attend(q, k, v, self.scale, self.cap, window)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.d))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Gemma2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich norm: each sub-block is normalised before and after; the residual stream never is."""
+
+    def __init__(self, cfg: Gemma2Config, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, impl))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma2Body(nn.Module):
+    """`model.*` in the checkpoint: embedding, layers, final norm."""
+
+    def __init__(self, cfg: Gemma2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Gemma2(nn.Module):
+    """Gemma 2 causal LM with a tied head. `attn_implementation`: "auto" (flex on CUDA, math elsewhere),
+    "math" or "flex"."""
+
+    def __init__(self, cfg: Gemma2Config, attn_implementation: str = "auto") -> None:
+        super().__init__()
+        if attn_implementation not in ("auto", "math", "flex"):
+            raise PipelineError(f"attn_implementation must be auto, math or flex, not {attn_implementation!r}")
+        self.config = cfg
+        self.attn_implementation = attn_implementation
+        self.model = Gemma2Body(cfg)
+        self.gradient_checkpointing = False
+
+    def init_weights(self, seed: int) -> None:
+        """HF's initialisation: normal(0, initializer_range) for matrices, zeros for the norm offsets."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
+
+    def _impl(self, device: torch.device) -> str:
+        if self.attn_implementation == "auto":
+            return "flex" if device.type == "cuda" else "math"
+        return self.attn_implementation
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states after the last norm, [B, T, H]; the head is left to the caller so the
+        stages can compute it chunk by chunk."""
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids)
+        # sqrt(H) is rounded to the activation dtype before the multiply (bf16: 48.0 for the 2B).
+        x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype)
+        cos, sin = rope_cos_sin(torch.arange(input_ids.shape[1], device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
+        impl = self._impl(x.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, impl, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, impl)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied head (no sqrt(H) on this side) followed by the final soft-cap."""
+        return softcap(hidden @ self.model.embed_tokens.weight.T, self.config.final_logit_softcapping)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids))

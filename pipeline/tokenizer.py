@@ -1,0 +1,102 @@
+"""SentencePiece tokenizer with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), so a tokenizer we train
+and a real Gemma 2 `tokenizer.model` go through the same code."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from pipeline.errors import PipelineError
+
+PAD, EOS, BOS, UNK = 0, 1, 2, 3
+
+
+class Tokenizer:
+    def __init__(self, model_proto: bytes, source: str = "<memory>") -> None:
+        self.proto = model_proto
+        self.source = source
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:  # sentencepiece raises bare RuntimeError/OSError
+            raise PipelineError(f"{source}: not a SentencePiece model ({e})") from None
+        ids = (self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id())
+        if ids != (PAD, EOS, BOS, UNK):
+            raise PipelineError(f"{source}: special ids pad/eos/bos/unk are {ids}, Gemma's are (0, 1, 2, 3)")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"{path}: no such tokenizer file; pass a SentencePiece tokenizer.model")
+        return cls(path.read_bytes(), str(path))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, max_chars: int = 20_000_000) -> Tokenizer:
+        """Trains a BPE model with byte fallback and split digits, as Gemma's; whitespace is kept verbatim
+        (code depends on it). Only the first `max_chars` characters are used."""
+        proto = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines(texts, max_chars),
+                model_writer=proto,
+                vocab_size=vocab_size,
+                model_type="bpe",
+                byte_fallback=True,
+                split_digits=True,
+                pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_by_whitespace=True,
+                user_defined_symbols=["\n", "\t"],
+                max_sentence_length=16384,
+                character_coverage=0.9995,
+                num_threads=2,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise PipelineError(f"tokenizer training failed: {e} (byte fallback needs VOCAB >= ~300; an empty corpus cannot train)") from None
+        return cls(proto.getvalue(), "<trained>")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the serialized model: two tokenizers with equal vocab size can still differ."""
+        return hashlib.sha256(self.proto).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    def save(self, path: str | Path) -> None:
+        from pipeline.fsutil import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(self.proto)
+
+
+def _lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Documents as chunks of a few lines (each ≤ 4k chars) so pieces may span newlines."""
+    seen = 0
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        for i in range(0, len(lines), 8):
+            chunk = "".join(lines[i : i + 8])[:4096]
+            if chunk.strip():
+                yield chunk
+                seen += len(chunk)
+        if seen >= max_chars:
+            return
