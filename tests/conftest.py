@@ -47,3 +47,32 @@ def tokenizer_file(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     tokenizer.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A folder corpus: one .txt document per file."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(CORPUS_TEXTS):
+        (folder / f"doc{i:03d}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory, corpus_dir, tokenizer_file) -> Path:
+    """A work directory with token shards (several per split) and a random debug teacher."""
+    from pipeline.checkpoint import save_model
+    from pipeline.corpus import CorpusSpec
+    from pipeline.model import Gemma2, preset
+    from pipeline.tokens import TokenizeConfig, build_token_shards
+
+    root = tmp_path_factory.mktemp("work")
+    tok = Tokenizer.load(tokenizer_file)
+    build_token_shards(CorpusSpec(str(corpus_dir)), tok, root / "tokens",
+                       TokenizeConfig(seq_len=16, val_fraction=0.2, shard_windows=40))
+    teacher = Gemma2(preset("debug", vocab_size=tok.vocab_size), "math")
+    teacher.init_weights(0)
+    with torch.no_grad():  # a peaked distribution, so top-K and tail both carry mass
+        teacher.model.embed_tokens.weight.mul_(5)
+    save_model(teacher, root / "teacher", tokenizer=tokenizer_file)
+    return root

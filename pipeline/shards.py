@@ -1,0 +1,115 @@
+"""Parquet shard writing: temporary name, fixed-size row groups, zstd, rename on success.
+
+Row groups hold a fixed number of rows (never "whatever one batch was"), so the bytes of a shard do not
+depend on batch size, rank count or restarts. Compression and writing can run on a background thread while
+the caller computes the next batch (pyarrow releases the GIL while it compresses).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fsutil import sha256_file, tmp_name
+
+ROW_GROUP_BYTES = 64 << 20  # 64 MB row groups stream well and bound the reader's memory
+
+
+def rows_per_group(row_bytes: int) -> int:
+    return max(1, ROW_GROUP_BYTES // max(1, row_bytes))
+
+
+def parquet_options(schema: pa.Schema, level: int = 3) -> dict[str, Any]:
+    """zstd everywhere; byte-stream-split for float columns (their bytes compress better apart); no
+    dictionaries (token ids are near-random) and no statistics (min/max of list leaves are useless)."""
+    floats = [name for name in schema.names if _leaf(schema.field(name).type) in (pa.float16(), pa.float32())]
+    return dict(
+        compression="zstd", compression_level=level, use_dictionary=False, write_statistics=False,
+        use_byte_stream_split=floats or False,
+    )
+
+
+def _leaf(t: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return t
+
+
+class ShardWriter:
+    """Writes one shard; the final name appears only when every row is on disk."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int, background: bool = False,
+                 level: int = 3) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self.group = rows_per_group
+        self.tmp = tmp_name(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(self.tmp, schema, **parquet_options(schema, level))
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self.futures: list[Future[None]] = []
+        self.footer: dict[bytes, bytes] = {}  # extra key-value metadata, written when the shard closes
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        if self.pool is None:
+            self._append(table)
+            return
+        self.futures.append(self.pool.submit(self._append, table))
+        # Bound the queue: at most two batches waiting, so memory stays flat if the disk is slow.
+        while len(self.futures) > 2:
+            self.futures.pop(0).result()
+
+    def _append(self, table: pa.Table) -> None:
+        self.pending.append(table.cast(self.schema) if table.schema != self.schema else table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.group:
+            merged = pa.concat_tables(self.pending)
+            full = (merged.num_rows // self.group) * self.group
+            self.writer.write_table(merged.slice(0, full), row_group_size=self.group)
+            rest = merged.slice(full)
+            self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def _finish(self) -> None:
+        for f in self.futures:
+            f.result()
+        if self.pending_rows:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.group)
+        if self.footer:
+            self.writer.add_key_value_metadata(self.footer)
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            if exc_type is not None:
+                try:
+                    self.writer.close()
+                finally:
+                    self.tmp.unlink(missing_ok=True)
+
+
+def shard_record(path: Path, rows: int, tokens_per_row: int) -> dict[str, Any]:
+    """A manifest entry for a complete shard."""
+    return {"file": path.name, "rows": rows, "tokens": rows * tokens_per_row, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}

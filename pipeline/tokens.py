@@ -1,0 +1,153 @@
+"""Stage one, first half: documents → `<bos> … <eos>` token stream → windows of SEQ_LEN+1 → token shards.
+
+Consecutive windows overlap by one token so that position t of every window has its label at t+1. The
+split is by document hash; each split streams into its own shards and gets a manifest when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pipeline.progress import progress
+
+from pipeline.corpus import CorpusSpec, is_val, iter_documents
+from pipeline.errors import PipelineError
+from pipeline.fsutil import clean_stale_tmp
+from pipeline.shards import ShardWriter, rows_per_group, shard_record
+from pipeline.tokenizer import BOS, EOS, Tokenizer
+from schemas.common import with_meta
+from schemas.manifest import write_manifest
+from schemas.tokens import TOKENS_VERSION, token_schema
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    shard_windows: int = 4096
+    vocab_size: int = 4096  # only when training a tokenizer
+    max_tokens: int = 0  # stop after this many train tokens (0: the whole corpus)
+
+
+def train_tokenizer(spec: CorpusSpec, cfg: TokenizeConfig) -> Tokenizer:
+    """Trains on the train split only, so validation text never shapes the vocabulary."""
+    texts = (text for doc_id, text in iter_documents(spec) if not is_val(doc_id, cfg.val_fraction))
+    return Tokenizer.train(texts, cfg.vocab_size)
+
+
+class _SplitWriter:
+    """Writes one split's windows into numbered shards."""
+
+    def __init__(self, folder: Path, split: str, meta: dict[str, Any], cfg: TokenizeConfig) -> None:
+        self.folder, self.split, self.meta, self.cfg = folder, split, meta, cfg
+        self.schema = token_schema(cfg.seq_len)
+        self.rows: list[np.ndarray] = []
+        self.records: list[dict[str, Any]] = []
+        self.window = 0
+        self.max_id = -1
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(folder)
+
+    @property
+    def total(self) -> int:
+        return self.window + len(self.rows)
+
+    def add(self, window: np.ndarray) -> None:
+        self.rows.append(window)
+        if len(self.rows) == self.cfg.shard_windows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        ids = np.stack(self.rows)
+        n, width = ids.shape
+        table = pa.table({
+            "window": pa.array(np.arange(self.window, self.window + n, dtype=np.int64)),
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), width),
+        }, schema=self.schema.with_metadata({}))
+        path = self.folder / f"{self.split}-{len(self.records):05d}.parquet"
+        with ShardWriter(path, with_meta(self.schema, self.meta), rows_per_group(width * 4)) as w:
+            w.write(table)
+        record = shard_record(path, n, self.cfg.seq_len)
+        record["max_id"] = int(ids.max())
+        self.records.append(record)
+        self.max_id = max(self.max_id, record["max_id"])
+        self.window += n
+        self.rows = []
+
+    def finish(self) -> dict[str, Any]:
+        self.flush()
+        if not self.records:
+            raise PipelineError(
+                f"{self.folder}: the {self.split} split got no complete window of {self.cfg.seq_len + 1} tokens; "
+                "use a larger corpus, a smaller SEQ_LEN or another --val-fraction"
+            )
+        # Shards from an earlier, larger run would look like part of this one: remove them.
+        keep = {r["file"] for r in self.records}
+        for old in self.folder.glob(f"{self.split}-*.parquet"):
+            if old.name not in keep:
+                old.unlink()
+        return write_manifest(self.folder, "tokens", self.meta, self.records, {"max_id": self.max_id})
+
+
+def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: TokenizeConfig) -> dict[str, Any]:
+    """Tokenizes the corpus into `out/{train,val}/`; returns the two manifests."""
+    base = {
+        "kind": "tokens", "schema_version": TOKENS_VERSION, "seq_len": cfg.seq_len,
+        "vocab_size": tokenizer.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "corpus": spec.describe(), "val_fraction": cfg.val_fraction,
+    }
+    writers = {s: _SplitWriter(out / s, s, {**base, "split": s}, cfg) for s in SPLITS}
+    docs = tokens = 0
+    start = time.perf_counter()
+    bar = progress(desc="tokenize", unit=" doc")
+    streams = {s: WindowStream(cfg.seq_len) for s in SPLITS}
+    for doc_id, text in iter_documents(spec):
+        split = "val" if is_val(doc_id, cfg.val_fraction) else "train"
+        if cfg.max_tokens and _budget_left(writers, cfg) == {"val"} - {split}:
+            continue  # train budget met; keep reading only until val has its share
+        ids = tokenizer.encode(text)
+        for w in streams[split].push(ids):
+            writers[split].add(w)
+        docs += 1
+        tokens += len(ids) + 2
+        bar.update(1)
+        bar.set_postfix(tokens=tokens, tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+        if cfg.max_tokens and not _budget_left(writers, cfg):
+            break
+    bar.close()
+    if docs == 0:
+        raise PipelineError(f"corpus {spec.describe()!r} has no documents; nothing to tokenize")
+    return {s: writers[s].finish() for s in SPLITS}
+
+
+def _budget_left(writers: dict[str, _SplitWriter], cfg: TokenizeConfig) -> set[str]:
+    """Splits still short of their token budget under --max-tokens (val gets its fraction's share)."""
+    budget = {"train": cfg.max_tokens, "val": cfg.max_tokens * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)}
+    return {s for s in SPLITS if writers[s].total * cfg.seq_len < budget[s]}
+
+
+class WindowStream:
+    """Concatenates `<bos> doc <eos>` and cuts windows of seq_len+1 with a one-token overlap; a final
+    partial window is dropped."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.buf: list[int] = []
+
+    def push(self, ids: list[int]) -> Iterator[np.ndarray]:
+        self.buf.append(BOS)
+        self.buf.extend(ids)
+        self.buf.append(EOS)
+        while len(self.buf) >= self.seq_len + 1:
+            yield np.asarray(self.buf[: self.seq_len + 1], dtype=np.int32)
+            del self.buf[: self.seq_len]

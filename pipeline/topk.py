@@ -1,0 +1,129 @@
+"""The teacher's next-token targets, computed in token chunks so [batch, seq, vocab] float32 never exists.
+
+Per position: log-softmax of the soft-capped logits in float32, the K most likely ids with their
+log-probabilities, the exact mass outside them (summed from the full distribution, not from rounded
+log-probs) and, optionally, N draws from the distribution restricted to the ids outside the top K.
+Draws use uniforms seeded per window, so they do not depend on batch size, chunking or rank count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.model import Gemma2
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    topk: int = 64
+    samples: int = 0
+    chunk_tokens: int = 2048  # positions per head/softmax chunk: bounds memory at chunk × vocab floats
+    seed: int = 0
+
+
+@dataclass
+class Targets:
+    """Numpy arrays for a batch of B windows of T positions."""
+
+    topk_ids: np.ndarray  # [B, T, K] int32
+    topk_logprobs: np.ndarray  # [B, T, K] float16
+    tail_mass: np.ndarray  # [B, T] float32
+    entropy: np.ndarray  # [B, T] float32, for cache statistics
+    sample_ids: np.ndarray | None = None  # [R] int32 values; per-position lists via sample_offsets
+    sample_counts: np.ndarray | None = None  # [R] uint16
+    sample_offsets: np.ndarray | None = None  # [B*T + 1] int32
+
+
+def window_uniforms(window: int, positions: int, samples: int, seed: int) -> torch.Tensor:
+    """[T, N] float64 uniforms in [0, 1) that depend only on (seed, window)."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{window}".encode()).digest()[:8], "little") >> 1
+    return torch.rand(positions, samples, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+
+
+@torch.no_grad()
+def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], cfg: TopKConfig) -> Targets:
+    """input_ids [B, T+1] (window rows); targets for the T positions that have a label."""
+    b, t = input_ids.shape[0], input_ids.shape[1] - 1
+    hidden = model.hidden_states(input_ids[:, :t]).reshape(b * t, -1)
+    uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.seed) for w in windows])
+                if cfg.samples else None)
+    ids, lps, tails, ents, draws = [], [], [], [], []
+    for start in range(0, b * t, cfg.chunk_tokens):
+        h = hidden[start : start + cfg.chunk_tokens]
+        logp = torch.log_softmax(model.logits(h).float(), dim=-1)
+        top_lp, top_i = logp.topk(cfg.topk, dim=-1)
+        probs = logp.exp()
+        ents.append(-(probs * logp).sum(-1))
+        tail_probs = probs.scatter(-1, top_i, 0.0)
+        tails.append(tail_probs.sum(-1))
+        ids.append(top_i)
+        lps.append(top_lp)
+        if uniforms is not None:
+            draws.append(_draw(tail_probs, uniforms[start : start + h.shape[0]].to(h.device)))
+    to_np = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
+    out = Targets(
+        topk_ids=to_np(ids).astype(np.int32).reshape(b, t, cfg.topk),
+        topk_logprobs=to_np(lps).astype(np.float16).reshape(b, t, cfg.topk),
+        tail_mass=to_np(tails).astype(np.float32).reshape(b, t),
+        entropy=to_np(ents).astype(np.float32).reshape(b, t),
+    )
+    if draws:
+        out.sample_ids, out.sample_counts, out.sample_offsets = unique_counts(to_np(draws), out.tail_mass.reshape(-1))
+    return out
+
+
+def _draw(tail_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from each row of `tail_probs` (unnormalised); ids of zero probability (the top K)
+    are never drawn because the CDF does not rise there."""
+    cdf = tail_probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    # Just under the total: u·total can round up to it for u close to 1.
+    picks = torch.searchsorted(cdf, u * total * (1 - 1e-12), right=True)
+    return picks.clamp_(max=tail_probs.shape[-1] - 1).sort(dim=-1).values
+
+
+def unique_counts(draws: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted draws [P, N] → unique ids, counts and per-position offsets; positions with no tail mass get
+    an empty list."""
+    p, n = draws.shape
+    starts = np.ones_like(draws, dtype=bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    starts[tail <= 0] = False
+    flat = np.flatnonzero(starts.reshape(-1))
+    values = draws.reshape(-1)[flat].astype(np.int32)
+    row_of = flat // n
+    ends = np.empty_like(flat)
+    ends[:-1] = flat[1:]
+    ends[-1:] = p * n
+    # A run ends at the next run's start or at the end of its own row, whichever is first.
+    ends = np.minimum(ends, (row_of + 1) * n)
+    counts = (ends - flat).astype(np.uint16)
+    offsets = np.zeros(p + 1, dtype=np.int32)
+    np.cumsum(np.bincount(row_of, minlength=p), out=offsets[1:])
+    return values, counts, offsets
+
+
+def targets_table(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Arrow table in the logits schema for one batch."""
+    b, t, k = targets.topk_ids.shape
+
+    def nested(values: np.ndarray, inner: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), inner), t)
+
+    columns = {
+        "window": pa.array(windows.astype(np.int64)),
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1).astype(np.int32)), t + 1),
+        "topk_ids": nested(targets.topk_ids, k),
+        "topk_logprobs": nested(targets.topk_logprobs, k),
+        "tail_mass": pa.FixedSizeListArray.from_arrays(pa.array(targets.tail_mass.reshape(-1)), t),
+    }
+    if targets.sample_offsets is not None:
+        offsets = pa.array(targets.sample_offsets)
+        for name, values in (("sample_ids", targets.sample_ids), ("sample_counts", targets.sample_counts)):
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.ListArray.from_arrays(offsets, pa.array(values)), t)
+    return pa.table(columns, schema=schema)

@@ -1,0 +1,1 @@
+"""Thin command-line stages, one per Make target: `python -m stages.<name> --help`."""

@@ -1,0 +1,69 @@
+"""`make inspect`: a shard's schema, metadata and, for one position, the decoded context with the
+teacher's top-K tokens, their probabilities and the tail mass."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.tokenizer import Tokenizer
+from schemas.common import read_file_meta
+from stages._cli import run
+
+
+def find_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
+    """The cache keeps its tokenizer one folder up (logits/tokenizer.model); token shards two up."""
+    for candidate in (explicit, shard.parent.parent / "tokenizer.model", shard.parent.parent.parent / "tokenizer" / "tokenizer.model"):
+        if candidate is not None and candidate.is_file():
+            return Tokenizer.load(candidate)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__)
+    p.add_argument("file", type=Path, help="a token or logit shard (.parquet)")
+    p.add_argument("--row", type=int, default=0)
+    p.add_argument("--pos", type=int, default=None, help="position in the window (default: the middle)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model for decoding (found next to the cache if omitted)")
+    p.add_argument("--context", type=int, default=12, help="tokens of context to show")
+    p.add_argument("--show", type=int, default=10, help="how many of the top-K to list")
+    args = p.parse_args(argv)
+    schema, meta = read_file_meta(args.file)
+    parquet = pq.ParquetFile(args.file)
+    print(f"file: {args.file}  rows: {parquet.metadata.num_rows}  row groups: {parquet.num_row_groups}")
+    print("schema:\n  " + str(schema.remove_metadata()).replace("\n", "\n  "))
+    print("metadata: " + json.dumps(meta, indent=2, sort_keys=True))
+    if not 0 <= args.row < parquet.metadata.num_rows:
+        raise PipelineError(f"{args.file}: --row {args.row} out of range 0..{parquet.metadata.num_rows - 1}")
+    table = pq.read_table(args.file).slice(args.row, 1)
+    row = {name: table.column(name)[0].as_py() for name in table.column_names}
+    tok = find_tokenizer(args.file, args.tokenizer)
+    show = (lambda i: repr(tok.piece(i))) if tok else str
+    ids = row["input_ids"]
+    pos = len(ids) // 2 if args.pos is None else args.pos
+    if not 0 <= pos < len(ids) - 1:
+        raise PipelineError(f"--pos {pos} out of range 0..{len(ids) - 2}")
+    context = ids[max(0, pos + 1 - args.context) : pos + 1]
+    print(f"\nwindow {row['window']}, position {pos}: context ends with")
+    print("  " + (repr(tok.decode(context)) if tok else str(context)))
+    print(f"  actual next token: {show(ids[pos + 1])}")
+    if "topk_ids" not in row:
+        return
+    print("  teacher top-K:")
+    pairs = list(zip(row["topk_ids"][pos], row["topk_logprobs"][pos]))[: args.show]
+    for rank, (i, lp) in enumerate(pairs):
+        mark = "  <- actual" if i == ids[pos + 1] else ""
+        print(f"    {rank:3d}  p={math.exp(lp):.4f}  {show(i)}{mark}")
+    print(f"  tail mass outside the top {meta['topk']}: {row['tail_mass'][pos]:.4f}")
+    if "sample_ids" in row:
+        draws = ", ".join(f"{show(i)}×{c}" for i, c in zip(row["sample_ids"][pos], row["sample_counts"][pos]))
+        print(f"  tail draws ({meta['samples']}): {draws}")
+
+
+if __name__ == "__main__":
+    run(main)
