@@ -1,0 +1,130 @@
+"""Student losses over cached teacher targets, computed in token chunks.
+
+The student's logits are z = cap·tanh(h·Eᵀ / cap) (its own final soft-cap). Per position, with the cached
+top-K set S, teacher probabilities p_S and tail mass r = 1 − Σ_S p:
+
+  tail     (default) −Σ_S p_i log q_i − r·log(1 − Σ_S q_i)        exact CE of the coarsened distribution
+  renorm             −Σ_S (p_i / Σ_S p) log q_i                   top-K renormalised (biased, for comparison)
+  sampled            −Σ_S p_i log q_i − r·Σ_j (c_j/N) log q_{u_j}  unbiased, with the cache's tail draws
+  ce                 −log q_label                                 the from-scratch baseline
+
+Temperature τ re-tempers the teacher (p^(1/τ) over S, r^(1/τ) for the tail bucket, renormalised), divides
+the student's logits by τ and scales the loss by τ². `alpha` mixes in hard-label CE: α·KD + (1−α)·CE.
+
+Memory: a custom autograd function walks the rows in chunks, computing each chunk's loss *and* its
+gradients with respect to h and E in the forward pass (as Liger's fused linear CE does), so neither the
+[tokens × vocab] logits nor their gradient ever exist whole; backward only scales the stored gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.model import softcap
+
+KD_TARGETS = ("tail", "renorm", "sampled")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = "kd"  # kd | ce
+    target: str = "tail"  # tail | renorm | sampled
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of KD; 1 − alpha goes to hard-label CE
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kd", "ce"):
+            raise PipelineError(f"--loss {self.kind!r}: use kd or ce")
+        if self.target not in KD_TARGETS:
+            raise PipelineError(f"--kd-target {self.target!r}: use one of {', '.join(KD_TARGETS)}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise PipelineError("--temperature must be > 0 and --alpha within [0, 1]")
+
+
+def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher probabilities on S and the tail bucket, re-tempered for τ ≠ 1."""
+    p = topk_logprobs.float().exp()
+    r = tail_mass.float().clamp(min=0.0)
+    if tau != 1.0:
+        p = p.pow(1.0 / tau)
+        r = r.pow(1.0 / tau)
+        z = p.sum(-1) + r
+        p, r = p / z[:, None], r / z
+    return p, r
+
+
+def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
+    """Per-row loss from float32 student logits z [c, V] and this chunk's targets."""
+    ce = -torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1) if "labels" in t else None
+    if cfg.kind == "ce":
+        return ce
+    tau = cfg.temperature
+    zt = z / tau if tau != 1.0 else z
+    lse = torch.logsumexp(zt, -1)
+    ids = t["topk_ids"]
+    logq_s = zt.gather(-1, ids) - lse[:, None]
+    p, r = teacher_weights(t["topk_logprobs"], t["tail_mass"], tau)
+    if cfg.target == "renorm":
+        kd = -((p / p.sum(-1, keepdim=True)) * logq_s).sum(-1)
+    elif cfg.target == "sampled":
+        logq_u = zt.gather(-1, t["sample_ids"]) - lse[:, None]
+        weights = t["sample_counts"].float()
+        frac = weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
+        kd = -(p * logq_s).sum(-1) - r * (frac * logq_u).sum(-1)
+    else:
+        kd = -(p * logq_s).sum(-1)
+        if ids.shape[-1] < z.shape[-1]:  # with K = V there is no tail bucket
+            # log(1 − Σ_S q) as a log-sum-exp over the complement: stable even when Σ_S q → 1.
+            log_tail_q = torch.logsumexp(zt.scatter(-1, ids, float("-inf")), -1) - lse
+            kd = kd - r * log_tail_q
+    kd = kd * (tau * tau)
+    if cfg.alpha < 1.0:
+        return cfg.alpha * kd + (1.0 - cfg.alpha) * ce
+    return kd
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Sum over rows of `row_losses`, gradients computed chunk by chunk during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, cap, cfg, names, *values):  # type: ignore[no-untyped-def,override]
+        targets = dict(zip(names, values))
+        need = hidden.requires_grad or weight.requires_grad
+        grad_h = torch.zeros_like(hidden) if need else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.detach().requires_grad_(need)
+        for s in range(0, hidden.shape[0], cfg.chunk_tokens):
+            h = hidden[s : s + cfg.chunk_tokens].detach().requires_grad_(need)
+            chunk = {k: v[s : s + cfg.chunk_tokens] for k, v in targets.items()}
+            with torch.enable_grad():
+                z = softcap((h @ w.T).float(), cap)
+                loss = row_losses(z, chunk, cfg).sum()
+            if need:
+                gh, gw = torch.autograd.grad(loss, (h, w))
+                grad_h[s : s + h.shape[0]] = gh
+                grad_w += gw.float()
+            total += loss.detach()
+        ctx.n_targets = len(values)
+        if need:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def,override]
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out, grad_w * grad_out, None, None, None) + (None,) * ctx.n_targets
+
+
+def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, targets: dict[str, torch.Tensor],
+                 cfg: LossConfig) -> torch.Tensor:
+    """Mean loss over rows. hidden [N, H] (after the final norm), weight the tied embedding [V, H], targets
+    flattened to rows: labels [N]; for kd topk_ids [N, K], topk_logprobs [N, K], tail_mass [N] and, for
+    `sampled`, sample_ids / sample_counts [N, S]."""
+    names = tuple(targets)
+    total = _ChunkedLoss.apply(hidden, weight, cap, cfg, names, *(targets[n] for n in names))
+    return total / hidden.shape[0]
