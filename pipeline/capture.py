@@ -40,6 +40,7 @@ class CaptureConfig:
     topk: TopKConfig
     batch_size: int = 8  # windows per teacher forward
     background_writes: bool = True
+    max_train_tokens: int = 0  # cache only the first train shards covering this many tokens (0: all)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,17 @@ def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str,
     return manifests
 
 
+def limit_shards(manifest: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The leading shards that cover `tokens` (whole shards, so every cached shard has its source's name)."""
+    kept, covered = [], 0
+    for shard in manifest["shards"]:
+        if covered >= tokens:
+            break
+        kept.append(shard)
+        covered += shard["tokens"]
+    return {**manifest, "shards": kept}
+
+
 def expected_meta(token_meta: dict[str, Any], shard: dict[str, Any], teacher_fp: str, vocab: int,
                   cfg: CaptureConfig, split: str) -> dict[str, Any]:
     return {
@@ -102,6 +114,8 @@ def capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, dist: Di
     if cfg.topk.samples > 65535:
         raise PipelineError(f"--samples {cfg.topk.samples}: at most 65535 draws per position (uint16 counts)")
     manifests = check_teacher_matches_tokens(teacher, tokens, SPLITS)
+    if cfg.max_train_tokens:
+        manifests["train"] = limit_shards(manifests["train"], cfg.max_train_tokens)
     vocab = load_config(teacher).vocab_size
     if not 0 < cfg.topk.topk <= vocab:
         raise PipelineError(f"--topk {cfg.topk.topk}: must be between 1 and the teacher's vocab_size {vocab}")

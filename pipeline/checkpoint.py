@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, read_json, sha256_file
+from pipeline.fsutil import atomic_path, read_json, sha256_file, write_json
 from pipeline.model import Gemma2, Gemma2Config
 
 INDEX = "model.safetensors.index.json"
@@ -87,23 +87,25 @@ def load_model(
 
 
 def save_model(model: Gemma2, path: str | Path, tokenizer: str | Path | None = None) -> None:
-    """Writes a HF Gemma 2 directory that `Gemma2ForCausalLM.from_pretrained` loads; atomic: the folder
-    appears complete or not at all."""
+    """Writes a HF Gemma 2 directory that `Gemma2ForCausalLM.from_pretrained` loads. Each file is written
+    under a temporary name and renamed; config.json comes last, so a folder with a config is complete.
+    Other files in the folder (training state, metrics) are left alone."""
     path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
     state = {name: p.detach().to("cpu").contiguous() for name, p in model.state_dict().items()}
     dtype = next(iter(state.values())).dtype
     config = model.config.to_hf()
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    with atomic_path(path) as tmp:
-        tmp.mkdir(parents=True)
-        save_file(state, tmp / SINGLE, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-                      "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                  "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}
+    with atomic_path(path / SINGLE) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    if tokenizer is not None:
+        with atomic_path(path / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer, tmp)
+    write_json(path / "generation_config.json", generation)
+    write_json(path / "config.json", config)
 
 
 def model_fingerprint(path: str | Path) -> str:

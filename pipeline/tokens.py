@@ -22,7 +22,7 @@ from pipeline.fsutil import clean_stale_tmp
 from pipeline.shards import ShardWriter, rows_per_group, shard_record
 from pipeline.tokenizer import BOS, EOS, Tokenizer
 from schemas.common import with_meta
-from schemas.manifest import write_manifest
+from schemas.manifest import MANIFEST, read_manifest, write_manifest
 from schemas.tokens import TOKENS_VERSION, token_schema
 
 SPLITS = ("train", "val")
@@ -54,6 +54,7 @@ class _SplitWriter:
         self.window = 0
         self.max_id = -1
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # incomplete until this run writes it again
         clean_stale_tmp(folder)
 
     @property
@@ -104,9 +105,14 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
     base = {
         "kind": "tokens", "schema_version": TOKENS_VERSION, "seq_len": cfg.seq_len,
         "vocab_size": tokenizer.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint,
-        "corpus": spec.describe(), "val_fraction": cfg.val_fraction,
+        "corpus": spec.describe(), "val_fraction": cfg.val_fraction, "max_tokens": cfg.max_tokens,
+        "shard_windows": cfg.shard_windows,
     }
+    if _already_built(out, base):
+        print(f"{out}: token shards with these settings are complete; nothing to do")
+        return {s: read_manifest(out / s, "tokens") for s in SPLITS}
     writers = {s: _SplitWriter(out / s, s, {**base, "split": s}, cfg) for s in SPLITS}
+    tokenizer.save(out / "tokenizer.model")  # every data folder carries the tokenizer it was made with
     docs = tokens = 0
     start = time.perf_counter()
     bar = progress(desc="tokenize", unit=" doc")
@@ -128,6 +134,13 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
     if docs == 0:
         raise PipelineError(f"corpus {spec.describe()!r} has no documents; nothing to tokenize")
     return {s: writers[s].finish() for s in SPLITS}
+
+
+def _already_built(out: Path, meta: dict[str, Any]) -> bool:
+    try:
+        return all({k: read_manifest(out / s, "tokens")["meta"].get(k) for k in meta} == meta for s in SPLITS)
+    except PipelineError:
+        return False
 
 
 def _budget_left(writers: dict[str, _SplitWriter], cfg: TokenizeConfig) -> set[str]:

@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the tail draws")
     p.add_argument("--batch-size", type=int, default=8, help="windows per teacher forward")
     p.add_argument("--chunk-tokens", type=int, default=2048, help="positions per head/softmax chunk")
+    p.add_argument("--max-train-tokens", type=int, default=0,
+                   help="cache only the first train shards covering this many tokens (0: all); val is always whole")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     args = parse(p, argv)
     dist, device = current()
-    cfg = CaptureConfig(TopKConfig(args.topk, args.samples, args.chunk_tokens, args.seed), args.batch_size)
+    cfg = CaptureConfig(TopKConfig(args.topk, args.samples, args.chunk_tokens, args.seed), args.batch_size,
+                        max_train_tokens=args.max_train_tokens)
     manifests = capture(args.teacher, args.tokens, args.out, cfg, dist, device, DTYPES[args.dtype])
     if manifests:
         print(json.dumps({s: {"windows": m["rows"], **{k: round(v, 4) for k, v in m["stats"].items()
