@@ -121,7 +121,7 @@ class ShardStream:
         """Reads only the row groups that cover rows [lo, hi) of one shard."""
         path = self.folder / self.manifest["shards"][shard]["file"]
         try:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path, page_checksum_verification=True)
             groups, first, at = [], None, 0
             for g in range(f.num_row_groups):
                 n = f.metadata.row_group(g).num_rows

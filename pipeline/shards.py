@@ -32,6 +32,7 @@ def parquet_options(schema: pa.Schema, level: int = 3) -> dict[str, Any]:
     return dict(
         compression="zstd", compression_level=level, use_dictionary=False, write_statistics=False,
         use_byte_stream_split=floats or False,
+        write_page_checksum=True,  # readers verify pages, so a flipped byte fails loudly instead of training on it
     )
 
 
