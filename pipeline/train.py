@@ -60,6 +60,7 @@ class TrainConfig:
     shuffle_rows: int = 4096
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16
+    init_from: str = ""  # start from this HF model folder's weights (same config) instead of a random init
 
 
 def mixed_precision(precision: str) -> str:
@@ -168,6 +169,16 @@ def _trim_metrics(path: Path, step: int) -> None:
             tmp.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _init_from(model: Gemma2, folder: Path) -> None:
+    """Continues from another run's weights (model merging averages runs that share such a start)."""
+    from pipeline.checkpoint import load_model
+
+    source = load_model(folder, dtype=torch.float32)
+    if source.config != model.config:
+        raise PipelineError(f"{folder}: --init-from needs a model of the student's own config")
+    model.load_state_dict(source.state_dict())
+
+
 # --- the loop ----------------------------------------------------------------------------------------
 
 
@@ -204,6 +215,8 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
     torch.manual_seed(cfg.seed)
     model = Gemma2(model_cfg)
     model.init_weights(cfg.seed)
+    if cfg.init_from:
+        _init_from(model, Path(cfg.init_from))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]

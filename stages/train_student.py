@@ -32,6 +32,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--chunk-tokens", type=int, default=1024, help="positions per loss chunk (bounds logits memory)")
+    p.add_argument("--init-from", default="", help="start from this model folder's weights (same config)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU (bf16 also speeds up CPUs with AVX512-BF16/AMX)")
@@ -43,7 +44,7 @@ def configs(args: argparse.Namespace, loss: LossConfig) -> tuple[LossConfig, Opt
     optim = OptimConfig(args.lr, args.min_lr_ratio, args.warmup_steps, args.weight_decay, clip=args.clip)
     cfg = TrainConfig(args.max_tokens, args.batch_size, args.grad_accum, args.eval_every, args.eval_windows,
                       args.save_every, args.log_every, args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                      precision=args.precision)
+                      precision=args.precision, init_from=args.init_from)
     return loss, optim, cfg
 
 

@@ -1,0 +1,247 @@
+"""The report: every model in a work directory evaluated on the same val cache, KD students beside their
+from-scratch (CE) twins, the cache modes with their bytes per token, and merged models beside their parts.
+
+Writes report/report.md, report/summary.json (one object per model) and report/val_loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.checkpoint import load_config, load_model
+from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.fsutil import read_json, sha256_file, write_json
+from schemas.manifest import read_manifest
+
+TARGET_GAP = 0.08  # the Gemma 2 report's order of magnitude: distilled ≥ 8% lower perplexity
+MODE_COLUMNS = {
+    "renorm": ("topk_ids", "topk_logprobs"),
+    "tail": ("topk_ids", "topk_logprobs", "tail_mass"),
+    "sampled": ("topk_ids", "topk_logprobs", "tail_mass", "sample_ids", "sample_counts"),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    work: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "logits"
+
+    @property
+    def students(self) -> Path:
+        return self.work / "students"
+
+    @property
+    def teacher(self) -> Path:
+        return self.work / "teacher"
+
+    @property
+    def out(self) -> Path:
+        return self.work / "report"
+
+
+def cached_eval(model_dir: Path, val: Path) -> dict[str, float]:
+    """Evaluates a model folder on the val cache once; the result is kept beside the weights, keyed by the
+    weights' and the cache's hashes."""
+    key = {"weights": sha256_file(model_dir / "model.safetensors"),
+           "val": [s["sha256"] for s in read_manifest(val, "logits")["shards"]]}
+    path = model_dir / "eval.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["metrics"]
+    metrics = evaluate(load_model(model_dir, dtype=None), val)
+    write_json(path, {"key": key, "metrics": metrics})
+    return metrics
+
+
+def cache_bytes_per_token(split: Path) -> dict[str, float]:
+    """Compressed bytes per cached position of each mode, from the Parquet column-chunk sizes."""
+    manifest = read_manifest(split, "logits")
+    sizes: dict[str, int] = {}
+    for shard in manifest["shards"]:
+        meta = pq.read_metadata(split / shard["file"])
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                top = col.path_in_schema.split(".")[0]
+                sizes[top] = sizes.get(top, 0) + col.total_compressed_size
+    tokens = max(1, manifest["tokens"])
+    out = {mode: sum(sizes.get(c, 0) for c in cols) / tokens for mode, cols in MODE_COLUMNS.items()
+           if all(c in sizes for c in cols)}
+    out["file"] = sum(s["bytes"] for s in manifest["shards"]) / tokens
+    return out
+
+
+def _final_metrics(folder: Path) -> dict[str, Any]:
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    finals = [x for x in lines if x.get("eval") == "final"]
+    if not finals:
+        raise PipelineError(f"{folder}: training did not finish (no final eval in metrics.jsonl); rerun train-student")
+    return finals[-1]
+
+
+def curve(folder: Path) -> list[tuple[int, float]]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [(x["tokens"], x["val_ce"]) for x in lines if "eval" in x and "tokens" in x]
+
+
+def collect(layout: Layout) -> list[dict[str, Any]]:
+    val = layout.cache / "val"
+    rows: list[dict[str, Any]] = []
+    if (layout.teacher / "config.json").is_file():
+        m = cached_eval(layout.teacher, val)
+        run = read_json(layout.teacher / "run_config.json", "the teacher's settings") if (layout.teacher / "run_config.json").is_file() else {}
+        final = _final_metrics(layout.teacher) if (layout.teacher / "metrics.jsonl").is_file() else {}
+        rows.append(_row("teacher", load_config(layout.teacher).num_parameters(), "teacher", "-",
+                         final.get("tokens"), m, final.get("wall_s"), run.get("student", "")))
+    for folder in sorted(p.parent for p in layout.students.glob("*/config.json")):
+        params = load_config(folder).num_parameters()
+        if (folder / "merge_config.json").is_file():
+            merge = read_json(folder / "merge_config.json", "the merge settings")
+            rows.append(_row(folder.name, params, "merged", "-", None, cached_eval(folder, val), None,
+                             "+".join(Path(p).name for p in merge["inputs"])))
+            continue
+        run = read_json(folder / "run_config.json", "the student's settings")
+        final = _final_metrics(folder)
+        mode = run["loss"]["target"] if run["loss"]["kind"] == "kd" else "-"
+        rows.append(_row(folder.name, params, run["loss"]["kind"], mode, final["tokens"], final, final["wall_s"],
+                         run["student"], seed=run["train"]["seed"], lr=run["optim"]["lr"]))
+    return rows
+
+
+def _row(name: str, params: int, loss: str, cache_mode: str, tokens: int | None, m: dict[str, Any],
+         wall: float | None, spec: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "parameters": params, "loss_mode": loss, "cache_mode": cache_mode,
+            "training_tokens": tokens, "val_ce": m["val_ce"], "val_ppl": m["val_ppl"],
+            "kl_to_teacher": m.get("kl_to_teacher"), "top1_agreement": m.get("top1_agreement"), "ece": m["ece"],
+            "wall_s": wall, "student": spec, **extra}
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(KD with the tail bucket, CE) runs of the same student, seed, learning rate and token budget."""
+    out = []
+    for ce in (r for r in rows if r["loss_mode"] == "ce"):
+        for kd in rows:
+            if (kd["loss_mode"], kd["cache_mode"]) == ("kd", "tail") and all(
+                kd.get(k) == ce.get(k) for k in ("student", "seed", "lr", "training_tokens")
+            ):
+                out.append((kd, ce))
+                break
+    return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], cache: dict[str, Any], machine: str) -> str:
+    lines = ["# Distillation report", "", f"Machine: {machine}", ""]
+    stats = cache["stats"]
+    lines += [f"Teacher cache: top-{cache['meta']['topk']}, {cache['meta']['samples']} tail draws per position, "
+              f"{cache['tokens']:,} train positions; {stats['bytes_per_token']:.1f} bytes/token on disk, mean tail mass "
+              f"{stats['mean_tail_mass']:.3f}, mean teacher entropy {stats['mean_teacher_entropy']:.3f} nats.", ""]
+    head = ["model", "params", "tokens", "loss", "cache mode", "val CE", "val ppl", "KL to teacher", "top-1 agree",
+            "ECE", "wall s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(x) for x in (
+            r["name"], r["parameters"], r["training_tokens"], r["loss_mode"], r["cache_mode"], r["val_ce"], r["val_ppl"],
+            r["kl_to_teacher"], r["top1_agreement"], r["ece"], r["wall_s"] and _fmt(r["wall_s"], 1))) + " |")
+    lines += ["", "## Distilled vs from scratch (same windows, same token budget)", ""]
+    for kd, ce in pairs(rows):
+        gap = (ce["val_ppl"] - kd["val_ppl"]) / ce["val_ppl"]
+        verdict = "meets" if gap >= TARGET_GAP else "misses"
+        lines.append(f"- {kd['student']}: KD perplexity {kd['val_ppl']:.2f} vs CE {ce['val_ppl']:.2f}: "
+                     f"{100 * gap:.1f}% lower ({verdict} the {100 * TARGET_GAP:.0f}% target)")
+    modes = [r for r in rows if r["loss_mode"] == "kd"]
+    by_student: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in modes:
+        by_student.setdefault((r["student"], r["seed"], r["training_tokens"]), []).append(r)
+    groups = [g for g in by_student.values() if len({r["cache_mode"] for r in g}) > 1]
+    if groups:
+        bpt = cache["bytes_per_mode"]
+        lines += ["", "## Cache modes (one student, one token budget)", "",
+                  "| student | mode | bytes/token | val ppl | KL to teacher | ECE |", "|---|---|---|---|---|---|"]
+        for g in groups:
+            for r in sorted(g, key=lambda r: list(MODE_COLUMNS).index(r["cache_mode"])):
+                lines.append(f"| {r['student']} | {r['cache_mode']} | {_fmt(bpt.get(r['cache_mode']), 1)} | "
+                             f"{r['val_ppl']:.2f} | {_fmt(r['kl_to_teacher'])} | {r['ece']:.4f} |")
+        lines += ["", "bytes/token counts the compressed target columns only (input_ids excluded: the tokens are "
+                  "stored anyway)."]
+    merged = [r for r in rows if r["loss_mode"] == "merged"]
+    if merged:
+        lines += ["", "## Model merging", ""]
+        for r in merged:
+            parts = [p for p in rows if p["name"] in r["student"].split("+")]
+            lines.append(f"- {r['name']} (average of {', '.join(p['name'] for p in parts)}): perplexity "
+                         f"{r['val_ppl']:.2f}; parts " + ", ".join(f"{p['val_ppl']:.2f}" for p in parts))
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], layout: Layout, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kd, ce in pairs(rows):
+        for r, style in ((kd, "-"), (ce, "--")):
+            points = curve(layout.students / r["name"])
+            if points:
+                ax.plot(*zip(*points), style, marker="o", label=f"{r['name']} ({r['loss_mode']})")
+    teacher = next((r for r in rows if r["loss_mode"] == "teacher"), None)
+    if teacher:
+        ax.axhline(teacher["val_ce"], color="black", linestyle=":", label="teacher")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation cross-entropy (nats)")
+    ax.set_title("Distilled (KD) vs from scratch (CE)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(work: Path, machine: str = "") -> dict[str, Any]:
+    layout = Layout(work)
+    cache = read_manifest(layout.cache / "train", "logits")
+    cache["bytes_per_mode"] = cache_bytes_per_token(layout.cache / "train")
+    rows = collect(layout)
+    if not rows:
+        raise PipelineError(f"{work}: no teacher or students to report on; run `make teacher` / `make train-student`")
+    layout.out.mkdir(parents=True, exist_ok=True)
+    (layout.out / "report.md").write_text(markdown(rows, cache, machine or _machine()))
+    write_json(layout.out / "summary.json", {"models": rows, "cache": {"bytes_per_mode": cache["bytes_per_mode"],
+                                                                        **cache["stats"]}})
+    plot(rows, layout, layout.out / "val_loss.png")
+    return {"models": rows}
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}), {os.cpu_count()} cores, torch {torch.__version__}"
