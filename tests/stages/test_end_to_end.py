@@ -1,0 +1,55 @@
+"""All stages in a row on a tiny corpus with the `debug` preset, as the Makefile chains them; final
+losses are compared with a golden file (set UPDATE_GOLDEN=1 to rewrite it after an intended change)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.stages.helpers import ROOT, stage
+
+GOLDEN = ROOT / "tests" / "assets" / "e2e_losses.json"
+TRAIN = ("--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "3", "--precision", "fp32", "--eval-every", "10")
+
+
+@pytest.mark.slow
+def test_all_stages_chain(corpus_dir, tmp_path):
+    work = tmp_path / "run"
+    stage("tokenize", "--work", work, "--corpus", corpus_dir, "--vocab", "400", "--seq-len", "16", "--val-fraction", "0.2",
+          "--shard-windows", "40")
+    stage("teacher", "--data", work / "tokens", "--out", work / "teacher", "--preset", "debug", "--max-tokens", 16 * 8 * 40,
+          *TRAIN)
+    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", work / "logits",
+          "--topk", "8", "--samples", "4")
+    for loss in ("kd", "ce"):
+        stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", f"s-{loss}=debug",
+              "--loss", loss, "--max-tokens", 16 * 8 * 20, *TRAIN)
+    stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", "s-kd2=debug",
+          "--init-from", work / "students" / "s-kd", "--seed", "2", "--max-tokens", 16 * 8 * 5, *TRAIN)
+    stage("merge", "--inputs", work / "students" / "s-kd", work / "students" / "s-kd2", "--out", work / "students" / "merged")
+    report = stage("report", "--work", work).stdout
+    assert "Distilled vs from scratch" in report and "## Model merging" in report
+    summary = json.loads((work / "report" / "summary.json").read_text())
+    names = {m["name"]: m for m in summary["models"]}
+    assert set(names) == {"teacher", "s-kd", "s-ce", "s-kd2", "merged"}
+    for m in summary["models"]:
+        assert {"name", "parameters", "loss_mode", "cache_mode", "training_tokens", "val_ce", "val_ppl", "kl_to_teacher",
+                "top1_agreement", "ece", "wall_s"} <= set(m)
+    assert (work / "report" / "val_loss.png").stat().st_size > 1000
+    shown = stage("inspect", work / "logits" / "val" / "val-00000.parquet", "--row", "1", "--pos", "3").stdout
+    assert "teacher top-K" in shown and "tail mass outside the top 8" in shown
+    assert pq.read_table(work / "logits" / "val" / "val-00000.parquet").num_rows > 0
+
+    losses = {name: round(names[name]["val_ce"], 4) for name in ("teacher", "s-kd", "s-ce")}
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(losses, indent=2, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    for name, value in golden.items():
+        assert losses[name] == pytest.approx(value, abs=0.02), name
+    # Rerunning a finished chain does no work and changes nothing.
+    again = stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", "s-kd=debug",
+                  "--loss", "kd", "--max-tokens", 16 * 8 * 20, *TRAIN).stdout
+    assert "already complete" in again
