@@ -1,0 +1,73 @@
+"""All benchmarks; each prints a table and writes JSON under <work>/bench/.
+
+CPU (`make bench`): the demo shapes. GPU (`--gpu`, what benchmarks/gpu.sh runs): gemma-2-2b and gemma-2-9b
+shapes at SEQ_LEN 4096 (and gemma-2-27b with --with-27b), the student step at the 2B shape, 8192 tokens,
+V = 256000."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import fidelity, reader, student_step, teacher
+from benchmarks.common import save
+from pipeline.tokenizer import Tokenizer
+
+
+def _tokenizer(work: Path) -> Tokenizer:
+    for path in (work / "tokenizer" / "tokenizer.model", work / "logits" / "tokenizer.model"):
+        if path.is_file():
+            return Tokenizer.load(path)
+    from itertools import islice
+
+    from pipeline.corpus import CorpusSpec, iter_documents
+
+    # No run yet: a tokenizer trained on a slice of the stdlib (the benchmarks use random token ids anyway).
+    return Tokenizer.train((t for _, t in islice(iter_documents(CorpusSpec("stdlib")), 200)), vocab_size=4096)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    p.add_argument("--work", type=Path, default=Path("runs/demo"))
+    p.add_argument("--gpu", action="store_true", help="the GPU shapes (needs CUDA)")
+    p.add_argument("--with-27b", action="store_true")
+    p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity"))
+    args = p.parse_args()
+    out = args.work / "bench"
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"benchmarks on {machine}, torch {torch.__version__}")
+    only = set(args.only or ("teacher", "student", "reader", "fidelity"))
+    start = time.perf_counter()
+    tok = _tokenizer(args.work)
+    student_tok_s = None
+    if "teacher" in only:
+        shapes = ([("gemma-2-2b", 4096, 4), ("gemma-2-9b", 4096, 2)] + ([("gemma-2-27b", 4096, 1)] if args.with_27b else [])
+                  if args.gpu else [("demo-teacher", 128, 16)])
+        save(out, "teacher", {"machine": machine, **teacher.run(shapes, tok)})
+    if "student" in only:
+        shape = ("gemma-2-2b", 256000, 4096, 2, 1024) if args.gpu else ("demo-student-m", 4096, 128, 16, 1024)
+        result = student_step.run(*shape)
+        save(out, "student_step", {"machine": machine, **result})
+        kd = next((r for r in result["rows"] if r["mode"] == "kd" and r["tok_s"]), None)
+        student_tok_s = kd["tok_s"] if kd else None
+    if "reader" in only:
+        cache = args.work / "logits" / "train"
+        if not (cache / "manifest.json").is_file():
+            print(f"\nReader: no cache at {cache}; run `make demo` (or `make teacher-logits`) first")
+        else:
+            save(out, "reader", {"machine": machine, **reader.run(cache, student_tok_s)})
+    if "fidelity" in only:
+        if not (args.work / "teacher" / "config.json").is_file() or not (args.work / "logits" / "val" / "manifest.json").is_file():
+            print(f"\nStorage vs fidelity: needs the demo teacher and its val cache in {args.work}; run `make demo` first")
+        else:
+            result = fidelity.run(args.work / "teacher", args.work / "logits" / "val", args.work / "students" / "s-kd")
+            save(out, "fidelity", {"machine": machine, **result})
+    print(f"\nbenchmarks done in {time.perf_counter() - start:.0f} s; JSON in {out}")
+
+
+if __name__ == "__main__":
+    main()

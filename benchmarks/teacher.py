@@ -1,0 +1,116 @@
+"""Teacher throughput: our teacher-logits stage end to end (forward + chunked head + top-K + writing) vs our
+forward + top-K alone vs transformers' Gemma2ForCausalLM forward + float32 log_softmax + topk (eager, and
+flex_attention on a GPU), on the same random weights."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from benchmarks.common import device, peak_flops, sync, table, timed
+from pipeline.capture import CaptureConfig
+from pipeline.checkpoint import load_model, save_model
+from pipeline.model import Gemma2, preset
+from pipeline.shards import ShardWriter
+from pipeline.tokenizer import Tokenizer
+from pipeline.topk import TopKConfig, teacher_targets
+from schemas.common import with_meta
+from schemas.manifest import write_manifest
+from schemas.tokens import TOKENS_VERSION, token_schema
+
+
+def synthetic_tokens(folder: Path, tokenizer: Tokenizer, vocab: int, seq_len: int, windows: int) -> None:
+    """Random token shards in the real format, so the real stage runs on them."""
+    rng = np.random.default_rng(0)
+    meta = {"kind": "tokens", "schema_version": TOKENS_VERSION, "seq_len": seq_len, "vocab_size": vocab,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "corpus": "synthetic"}
+    for split, n in (("train", windows), ("val", 1)):
+        ids = rng.integers(4, vocab, size=(n, seq_len + 1), dtype=np.int32)
+        schema = with_meta(token_schema(seq_len), {**meta, "split": split})
+        path = folder / split / f"{split}-00000.parquet"
+        with ShardWriter(path, schema, 1024) as w:
+            w.write(pa.table({"window": pa.array(np.arange(n)),
+                              "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len + 1)},
+                             schema=schema))
+        from pipeline.shards import shard_record
+
+        write_manifest(folder / split, "tokens", {**meta, "split": split}, [shard_record(path, n, seq_len)], {"max_id": int(ids.max())})
+
+
+def stage_loop(model: Gemma2, tmp: Path, cfg: CaptureConfig, dev: torch.device) -> float:
+    """Windows/s of the stage's own shard loop (forward, chunked head, top-K, background compression and
+    writing) on a loaded teacher: the stage end to end minus the one-off model load."""
+    from pipeline.capture import _capture_shard, expected_meta
+    from schemas.manifest import read_manifest
+
+    manifest = read_manifest(tmp / "tokens" / "train", "tokens")
+    shard = manifest["shards"][0]
+    meta = expected_meta(manifest["meta"], shard, "bench", model.config.vocab_size, cfg, "train")
+
+    class _Bar:
+        def update(self, n: int) -> None:
+            pass
+
+    start = time.perf_counter()
+    _capture_shard(model, tmp / "tokens" / "train" / shard["file"], tmp / "logits" / shard["file"], meta, shard, cfg, dev, _Bar())
+    sync()
+    return shard["rows"] / (time.perf_counter() - start)
+
+
+def transformers_topk(teacher_dir: Path, ids: torch.Tensor, k: int, attn: str, dtype: torch.dtype) -> float:
+    from transformers import Gemma2ForCausalLM
+
+    hf = Gemma2ForCausalLM.from_pretrained(teacher_dir, attn_implementation=attn, dtype=dtype).to(device()).eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        logits = hf(ids).logits
+        torch.log_softmax(logits.float(), -1).topk(k, -1).indices.cpu()
+
+    return ids.numel() / timed(step, repeats=2)
+
+
+def run(shapes: list[tuple[str, int, int]], tokenizer: Tokenizer, k: int = 64) -> dict[str, Any]:
+    dev = device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peak, peak_note = peak_flops(dtype)
+    rows = []
+    for name, seq_len, batch in shapes:
+        cfg = preset(name, vocab_size=max(preset(name).vocab_size, tokenizer.vocab_size))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            model = Gemma2(cfg)
+            model.init_weights(0)
+            save_model(model.to(dtype), tmp / "teacher", tokenizer=None)
+            tokenizer.save(tmp / "teacher" / "tokenizer.model")
+            del model
+            ours = load_model(tmp / "teacher", dtype=dtype, device=dev)
+            ids = torch.randint(4, cfg.vocab_size, (batch, seq_len + 1), device=dev)
+            top = TopKConfig(topk=k, chunk_tokens=2048)
+            fwd = batch * seq_len / timed(lambda: teacher_targets(ours, ids, list(range(batch)), top), repeats=2)
+            windows = batch * (8 if dev.type == "cuda" else 16)
+            synthetic_tokens(tmp / "tokens", tokenizer, cfg.vocab_size, seq_len, windows)
+            e2e = stage_loop(ours, tmp, CaptureConfig(top, batch_size=batch), dev) * seq_len
+            del ours
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            row = {"shape": name, "seq": seq_len, "batch": batch, "ours_e2e_tok_s": e2e, "ours_fwd_topk_tok_s": fwd,
+                   "e2e/fwd": e2e / fwd}
+            hf_ids = ids[:, :seq_len]
+            row["hf_eager_tok_s"] = transformers_topk(tmp / "teacher", hf_ids, k, "eager", dtype)
+            if dev.type == "cuda":
+                row["hf_flex_tok_s"] = transformers_topk(tmp / "teacher", hf_ids, k, "flex_attention", dtype)
+                row["ours/hf_flex"] = fwd / row["hf_flex_tok_s"]
+            row["ours/hf_eager"] = fwd / row["hf_eager_tok_s"]
+            row["mfu_fwd"] = 2 * cfg.num_parameters() * fwd / peak
+            rows.append(row)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    print(table(f"Teacher throughput (top-{k}; MFU against {peak_note}: {peak / 1e12:.2f} TFLOP/s)", rows))
+    return {"rows": rows, "peak_flops": peak, "peak_note": peak_note}
