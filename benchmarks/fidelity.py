@@ -121,7 +121,8 @@ def compression(teacher: Gemma2, ids: torch.Tensor, ids_np: np.ndarray, windows:
                 ("zstd 1", base, {**default, "compression_level": 1}),
                 ("zstd 9", base, {**default, "compression_level": 9}),
                 ("zstd 19", base, {**default, "compression_level": 19}),
-                ("uncompressed", base, {**default, "compression": "none"})]
+                ("uncompressed", base, {**{k: v for k, v in default.items() if k != "compression_level"},
+                                        "compression": "none"})]
     rows = []
     for label, tbl, opts in variants:
         size, seconds = _bytes(tbl, **opts)

@@ -12,8 +12,9 @@ Temperature τ re-tempers the teacher (p^(1/τ) over S, r^(1/τ) for the tail bu
 the student's logits by τ and scales the loss by τ². `alpha` mixes in hard-label CE: α·KD + (1−α)·CE.
 
 Memory: a custom autograd function walks the rows in chunks, computing each chunk's loss *and* its
-gradients with respect to h and E in the forward pass (as Liger's fused linear CE does), so neither the
-[tokens × vocab] logits nor their gradient ever exist whole; backward only scales the stored gradients.
+gradients with respect to h and E in the forward pass (as Liger's fused linear CE does), the gradient with
+respect to the logits in closed form (`loss_and_grad`), so neither the [tokens × vocab] logits nor their
+gradient ever exist whole; backward only scales the stored gradients. `row_losses` states every loss plainly.
 """
 
 from __future__ import annotations
@@ -87,8 +88,62 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     return kd
 
 
+def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and its gradient with respect to the float32 logits z [c, V], in closed form.
+
+    Every loss here is a soft cross-entropy −Σ_x w_x log q_x against some target weights w (with the tail
+    bucket, the bucket's weight r is spread over the complement of S in proportion to q). Its gradient is
+    (Σ w)·q − w, so one softmax, one scaling pass and a few [c, K] scatters replace an autograd graph over
+    [c, V] tensors. `row_losses` is the same loss written plainly, and the tests hold the two together.
+    The soft-cap bounds the logits, so every q_x ≥ e^(−2·cap)/V stays far above float32 underflow and
+    log q can be taken from q itself."""
+    ce_rows = ce_grad = None
+    if cfg.kind == "ce" or cfg.alpha < 1.0:
+        labels = t["labels"][:, None]
+        q1 = torch.softmax(z, -1)
+        ce_rows = -q1.gather(-1, labels).squeeze(-1).log()
+        ce_grad = q1.scatter_add_(-1, labels, torch.full_like(labels, -1.0, dtype=z.dtype))
+        if cfg.kind == "ce":
+            return ce_rows, ce_grad
+    tau = cfg.temperature
+    q = torch.softmax(z / tau if tau != 1.0 else z, -1)
+    ids = t["topk_ids"]
+    q_s = q.gather(-1, ids)
+    p, r = teacher_weights(t["topk_logprobs"], t["tail_mass"], tau)
+    if cfg.target == "renorm":
+        p = p / p.sum(-1, keepdim=True)
+        rows = -(p * q_s.log()).sum(-1)
+        grad = q.scatter_add_(-1, ids, -p)
+    elif cfg.target == "sampled":
+        counts = t["sample_counts"].float()
+        frac = r[:, None] * counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
+        rows = -(p * q_s.log()).sum(-1) - (frac * q.gather(-1, t["sample_ids"]).log()).sum(-1)
+        mass = p.sum(-1) + frac.sum(-1)
+        grad = q.mul_(mass[:, None]).scatter_add_(-1, ids, -p).scatter_add_(-1, t["sample_ids"], -frac)
+    else:
+        rows = -(p * q_s.log()).sum(-1)
+        mass = p.sum(-1) + r
+        if ids.shape[-1] < z.shape[-1]:  # with K = V there is no tail bucket
+            # Σ_{x∉S} q_x summed directly over the complement (zero S in place: no 1 − Σ_S q cancellation).
+            q = q.scatter_(-1, ids, 0.0)
+            q_tail = q.sum(-1)
+            rows = rows - r * q_tail.log()
+            k_tail = r / q_tail
+            # ∂/∂z: mass·q_x − p_x on S; (mass − r/q_tail)·q_x outside S.
+            grad = q.mul_((mass - k_tail)[:, None]).scatter_add_(-1, ids, q_s * mass[:, None] - p)
+        else:
+            grad = q.mul_(mass[:, None]).scatter_add_(-1, ids, -p)
+    if tau != 1.0:
+        rows, grad = rows * (tau * tau), grad.mul_(tau)  # d/dz of τ²·L(z/τ) is τ·∇L
+    if ce_rows is not None:
+        rows = cfg.alpha * rows + (1 - cfg.alpha) * ce_rows
+        grad = grad.mul_(cfg.alpha).add_(ce_grad, alpha=1 - cfg.alpha)
+    return rows, grad
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """Sum over rows of `row_losses`, gradients computed chunk by chunk during the forward pass."""
+    """Sum over rows of the loss; gradients with respect to h and E are computed chunk by chunk during the
+    forward pass (one matmul for the logits, two for the gradients), never holding [N, V]."""
 
     @staticmethod
     def forward(ctx, hidden, weight, cap, cfg, names, *values):  # type: ignore[no-untyped-def,override]
@@ -97,18 +152,19 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w = weight.detach().requires_grad_(need)
         for s in range(0, hidden.shape[0], cfg.chunk_tokens):
-            h = hidden[s : s + cfg.chunk_tokens].detach().requires_grad_(need)
+            h = hidden[s : s + cfg.chunk_tokens]
             chunk = {k: v[s : s + cfg.chunk_tokens] for k, v in targets.items()}
-            with torch.enable_grad():
-                z = softcap((h @ w.T).float(), cap)
-                loss = row_losses(z, chunk, cfg).sum()
+            z = (h @ weight.T).float()
+            if cap is not None:  # the student's final soft-cap, in place
+                z = z.div_(cap).tanh_().mul_(cap)
+            rows, dz = loss_and_grad(z, chunk, cfg)
+            total += rows.sum()
             if need:
-                gh, gw = torch.autograd.grad(loss, (h, w))
-                grad_h[s : s + h.shape[0]] = gh
-                grad_w += gw.float()
-            total += loss.detach()
+                if cap is not None:  # through the soft-cap: d/dx cap·tanh(x/cap) = 1 − tanh², in place on z
+                    dz = dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
+                grad_h[s : s + h.shape[0]] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_w += (dz.T.to(h.dtype) @ h).float()
         ctx.n_targets = len(values)
         if need:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

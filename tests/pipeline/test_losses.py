@@ -170,3 +170,19 @@ def test_peak_memory_follows_chunk_not_tokens_times_vocab():
     assert small < full / 4
     assert peak(rows=16384, chunk=128) < small * 1.5 + (16 << 20)  # 4× the rows, about the same peak
     assert peak(rows=4096, chunk=2048) > 4 * small  # 16× the chunk, a much larger peak
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(target="renorm"), LossConfig(target="sampled"),
+                                 LossConfig(kind="ce"), LossConfig(temperature=1.7, alpha=0.4)])
+def test_closed_form_gradient_equals_autograd_of_the_plain_loss(cfg):
+    from pipeline.losses import loss_and_grad, row_losses
+
+    _, _, _, t = setup(6)
+    g = torch.Generator().manual_seed(7)
+    t = dict(t, sample_ids=torch.randint(0, V, (N, 3), generator=g), sample_counts=torch.randint(0, 4, (N, 3), generator=g))
+    z = (torch.randn(N, V, generator=g) * 3).requires_grad_()
+    rows = row_losses(z, t, cfg)
+    (ref,) = torch.autograd.grad(rows.sum(), z)
+    got_rows, got = loss_and_grad(z.detach(), t, cfg)
+    assert torch.allclose(got_rows, rows.detach(), atol=1e-5)
+    assert torch.allclose(got, ref, atol=1e-5)
