@@ -201,17 +201,19 @@ def math_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None, window: int | None
 ) -> torch.Tensor:
     """Explicit attention, the CPU reference. q [B, nh, T, d], k/v [B, nk, T, d]."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    b, nh, t, d = q.shape
+    nk = k.shape[1]
+    # GQA without copying k/v: the nh/nk query heads of one kv head are adjacent, so fold them into the
+    # query-length axis and attend to that kv head once.
+    qg = q.reshape(b, nk, (nh // nk) * t, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
     # Soft-cap *before* the mask: capping a masked -inf score would turn it into -cap and leak probability.
     scores = softcap(scores, cap)
-    pos = torch.arange(q.shape[2], device=q.device)
+    pos = torch.arange(t, device=q.device)
     allowed = attention_allowed(pos[:, None], pos[None, :], window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    scores = scores.view(b, nk, nh // nk, t, t).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, nk, (nh // nk) * t, t)
+    return torch.matmul(probs, v).view(b, nh, t, d)
 
 
 _FLEX_CACHE: dict[tuple[Any, ...], Any] = {}
