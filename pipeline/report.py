@@ -131,15 +131,15 @@ def _row(name: str, params: int, loss: str, cache_mode: str, tokens: int | None,
 
 
 def pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(KD with the tail bucket, CE) runs of the same student, seed, learning rate and token budget."""
+    """(KD, CE) twins: the same student, seed, learning rate and token budget; among several KD runs the
+    one named like the CE run with `kd` for `ce` (the demo's `s-kd` for `s-ce`), else the first."""
     out = []
     for ce in (r for r in rows if r["loss_mode"] == "ce"):
-        for kd in rows:
-            if (kd["loss_mode"], kd["cache_mode"]) == ("kd", "tail") and all(
-                kd.get(k) == ce.get(k) for k in ("student", "seed", "lr", "training_tokens")
-            ):
-                out.append((kd, ce))
-                break
+        twins = [kd for kd in rows if kd["loss_mode"] == "kd" and all(
+            kd.get(k) == ce.get(k) for k in ("student", "seed", "lr", "training_tokens"))]
+        named = [kd for kd in twins if kd["name"] == ce["name"].replace("ce", "kd")]
+        if twins:
+            out.append(((named or twins)[0], ce))
     return out
 
 
@@ -168,7 +168,7 @@ def markdown(rows: list[dict[str, Any]], cache: dict[str, Any], machine: str) ->
     for kd, ce in pairs(rows):
         gap = (ce["val_ppl"] - kd["val_ppl"]) / ce["val_ppl"]
         verdict = "meets" if gap >= TARGET_GAP else "misses"
-        lines.append(f"- {kd['student']}: KD perplexity {kd['val_ppl']:.2f} vs CE {ce['val_ppl']:.2f}: "
+        lines.append(f"- {kd['student']}: KD ({kd['cache_mode']}) perplexity {kd['val_ppl']:.2f} vs CE {ce['val_ppl']:.2f}: "
                      f"{100 * gap:.1f}% lower ({verdict} the {100 * TARGET_GAP:.0f}% target)")
     modes = [r for r in rows if r["loss_mode"] == "kd"]
     by_student: dict[tuple[Any, ...], list[dict[str, Any]]] = {}

@@ -29,7 +29,7 @@ from pipeline.checkpoint import save_model
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, read_json, write_json
-from pipeline.losses import LossConfig, chunked_loss
+from pipeline.losses import LossConfig, chunked_loss, resolve_target
 from pipeline.model import Gemma2, Gemma2Config, preset
 from pipeline.progress import progress
 from pipeline.reader import KD_COLUMNS, SAMPLE_COLUMNS, Cursor, ReaderConfig, ShardStream, open_split
@@ -196,6 +196,7 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
         raise PipelineError(f"{data}: holds token shards; --loss kd needs a teacher logit cache (`make teacher-logits`)")
     if loss.kind == "kd" and loss.target == "sampled" and not meta.get("samples"):
         raise PipelineError(f"{data}: the cache has no tail samples; recreate it with SAMPLES>0 or use --kd-target tail")
+    loss = dataclasses.replace(loss, target=resolve_target(loss.target, bool(meta.get("samples"))))
     tok_path = find_tokenizer(data, tokenizer, meta)
     model_cfg = resolve_student(student, meta)
 

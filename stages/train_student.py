@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student", action="append", required=True,
                    help="preset name, config.json or HF folder; `name=spec` sets the output name; repeatable")
     p.add_argument("--loss", choices=("kd", "ce"), default="kd")
-    p.add_argument("--kd-target", choices=("tail", "renorm", "sampled"), default="tail",
-                   help="how the cached target is used: top-K + tail bucket, top-K renormalised, top-K + tail draws")
+    p.add_argument("--kd-target", choices=("auto", "tail", "renorm", "sampled"), default="auto",
+                   help="how the cached target is used: top-K + tail bucket, top-K renormalised, top-K + tail draws; "
+                        "auto: the draws when the cache has them, else the tail bucket")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1 - alpha goes to hard-label CE")
     add_training_flags(p)

@@ -43,7 +43,7 @@ def test_two_student_sizes_learn_from_the_cache(cache, tmp_path):
     bigger = tiny_config(vocab_size=400, hidden_size=64, num_hidden_layers=2, sliding_window=8)
     (tmp_path / "bigger.json").write_text(json.dumps(bigger.to_hf()))
     for name, spec, cfg in (("small", "debug", small), ("bigger", str(tmp_path / "bigger.json"), bigger)):
-        final = train(name, spec, cache, tmp_path / name, LossConfig(), OPTIM, FAST)
+        final = train(name, spec, cache, tmp_path / name, LossConfig(target="tail"), OPTIM, FAST)
         before = untrained_metrics(cfg, cache)
         assert final["val_ce"] < before["val_ce"] - 0.5
         assert final["kl_to_teacher"] < before["kl_to_teacher"] / 2
@@ -123,3 +123,30 @@ def test_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] >= 0.1
+
+
+def test_gradient_accumulation_equals_the_larger_batch(cache, tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    base = dataclasses.replace(FAST, max_tokens=16 * 8 * 6)
+    train("a", "debug", cache, tmp_path / "a", LossConfig(), OPTIM, base)
+    train("b", "debug", cache, tmp_path / "b", LossConfig(), OPTIM, dataclasses.replace(base, batch_size=4, grad_accum=2))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_auto_target_uses_the_tail_draws_when_the_cache_has_them(cache, work, tmp_path):
+    train("s", "debug", cache, tmp_path / "s", LossConfig(), OPTIM, dataclasses_replace(FAST, max_tokens=16 * 8 * 2))
+    assert json.loads((tmp_path / "s" / "run_config.json").read_text())["loss"]["target"] == "sampled"
+    no_draws = tmp_path / "logits"
+    capture(work / "teacher", work / "tokens", no_draws, CaptureConfig(TopKConfig(topk=8)))
+    train("t", "debug", no_draws, tmp_path / "t", LossConfig(), OPTIM, dataclasses_replace(FAST, max_tokens=16 * 8 * 2))
+    assert json.loads((tmp_path / "t" / "run_config.json").read_text())["loss"]["target"] == "tail"
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
