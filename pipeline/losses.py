@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import softcap
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
 
