@@ -45,7 +45,11 @@ def precision() -> str:
     fp32 elsewhere."""
     if torch.cuda.is_available():
         return "auto"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    try:
+        fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a private probe: absent in some torch builds
+        fast_bf16 = False
+    return "bf16" if fast_bf16 else "fp32"
 
 
 def flags(**kw: Any) -> list[str]:
