@@ -41,23 +41,10 @@ class Cursor:
 
 def open_split(folder: str | Path) -> dict[str, Any]:
     """The manifest of a logits or tokens split folder, whichever it is."""
-    folder = Path(folder)
-    manifest = read_manifest(folder, "logits") if _kind(folder) == "logits" else read_manifest(folder, "tokens")
+    manifest = read_manifest(folder, ("logits", "tokens"))
     if not manifest["shards"]:
         raise PipelineError(f"{folder}: the manifest lists no shards")
     return manifest
-
-
-def _kind(folder: Path) -> str:
-    import json
-
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file; run `make tokens` / `make teacher-logits` first")
-    try:
-        return json.loads(path.read_text()).get("kind", "")
-    except json.JSONDecodeError:
-        raise PipelineError(f"{path}: not valid JSON; the manifest is corrupted, rerun the stage that wrote it") from None
 
 
 class ShardStream:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.checkpoint import save_model
+from pipeline.checkpoint import load_model, save_model
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, read_json, write_json
@@ -171,8 +171,6 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def _init_from(model: Gemma2, folder: Path) -> None:
     """Continues from another run's weights (model merging averages runs that share such a start)."""
-    from pipeline.checkpoint import load_model
-
     source = load_model(folder, dtype=torch.float32)
     if source.config != model.config:
         raise PipelineError(f"{folder}: --init-from needs a model of the student's own config")

@@ -27,12 +27,17 @@ def write_manifest(folder: str | Path, kind: str, meta: dict[str, Any], shards: 
     return manifest
 
 
-def read_manifest(folder: str | Path, kind: str, verify_sha: bool = False) -> dict[str, Any]:
+def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: bool = False) -> dict[str, Any]:
+    """A split's manifest, checked: its kind (one of `kind`), version, and every listed shard's presence and
+    size (and sha256 with verify_sha)."""
     folder = Path(folder)
-    hint = {"tokens": "run `make tokens` first", "logits": "run `make teacher-logits` first"}.get(kind, "")
-    manifest = read_json(folder / MANIFEST, f"the {kind} split is incomplete or missing; {hint}")
-    if manifest.get("kind") != kind or manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise PipelineError(f"{folder / MANIFEST}: a {manifest.get('kind')} manifest, expected {kind} v{MANIFEST_VERSION}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    hints = {"tokens": "run `make tokens` first", "logits": "run `make teacher-logits` first"}
+    hint = " or ".join(hints.get(k, k) for k in kinds)
+    manifest = read_json(folder / MANIFEST, f"the {'/'.join(kinds)} split is incomplete or missing; {hint}")
+    if manifest.get("kind") not in kinds or manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise PipelineError(f"{folder / MANIFEST}: a {manifest.get('kind')} manifest, expected "
+                            f"{'/'.join(kinds)} v{MANIFEST_VERSION}")
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         if not path.is_file():

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.errors import PipelineError
 from schemas.common import check_schema, read_file_meta, require
 
 TOKENS_VERSION = 1
@@ -28,8 +29,6 @@ def validate_token_shard(path: str | Path) -> dict[str, Any]:
     schema, meta = read_file_meta(path)
     require(meta, TOKEN_META_KEYS, path)
     if meta["kind"] != "tokens" or meta["schema_version"] != TOKENS_VERSION:
-        from pipeline.errors import PipelineError
-
         raise PipelineError(f"{path}: a {meta['kind']} shard v{meta['schema_version']}, expected tokens v{TOKENS_VERSION}")
     check_schema(path, schema, token_schema(meta["seq_len"]))
     return meta

@@ -16,7 +16,7 @@ from schemas.common import read_file_meta
 from stages._cli import run
 
 
-def find_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
+def decoding_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
     """The cache keeps its tokenizer one folder up (logits/tokenizer.model); token shards two up."""
     for candidate in (explicit, shard.parent.parent / "tokenizer.model", shard.parent.parent.parent / "tokenizer" / "tokenizer.model"):
         if candidate is not None and candidate.is_file():
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{args.file}: --row {args.row} out of range 0..{parquet.metadata.num_rows - 1}")
     table = pq.read_table(args.file).slice(args.row, 1)
     row = {name: table.column(name)[0].as_py() for name in table.column_names}
-    tok = find_tokenizer(args.file, args.tokenizer)
+    tok = decoding_tokenizer(args.file, args.tokenizer)
     show = (lambda i: repr(tok.piece(i))) if tok else str
     ids = row["input_ids"]
     pos = len(ids) // 2 if args.pos is None else args.pos
