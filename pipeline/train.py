@@ -204,8 +204,8 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     run_config = {
         "name": name, "student": student, "model": model_cfg.to_hf(), "data": str(data),
-        "cache": {k: meta.get(k) for k in ("kind", "teacher_fingerprint", "tokenizer_fingerprint", "topk", "samples",
-                                           "seq_len", "vocab_size")},
+        "cache": {**{k: meta.get(k) for k in ("kind", "teacher_fingerprint", "tokenizer_fingerprint", "topk", "samples",
+                                              "seq_len", "vocab_size")}, "train_rows": train_manifest["rows"]},
         "loss": dataclasses.asdict(loss), "optim": dataclasses.asdict(optim), "train": dataclasses.asdict(cfg),
         "world_size": world, "total_steps": total_steps, "tokens_per_step": tokens_per_step,
         "parameters": model_cfg.num_parameters(),
@@ -229,8 +229,9 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
     ckpt = out / "checkpoint"
     if resume and (ckpt / "state.json").is_file():
         saved = read_json(out / "run_config.json", "the run's settings")
-        if saved != run_config:
-            changed = sorted(k for k in run_config if saved.get(k) != run_config[k])
+        # The data is identified by its fingerprints in "cache", not by the path it was reached through.
+        changed = sorted(k for k in run_config if k != "data" and saved.get(k) != run_config[k])
+        if changed:
             raise PipelineError(f"{out}: a run with other settings ({', '.join(changed)}) is there; "
                                 "use another --out or --no-resume to start over")
         state = load_state(ckpt, accelerator.unwrap_model(wrapped).model, optimizer)

@@ -150,3 +150,9 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_resume_does_not_depend_on_the_path_to_the_data(cache, tmp_path):
+    first = train("s", "debug", cache, tmp_path / "s", LossConfig(), OPTIM, FAST)
+    (tmp_path / "link").symlink_to(cache)
+    assert train("s", "debug", tmp_path / "link", tmp_path / "s", LossConfig(), OPTIM, FAST) == first
