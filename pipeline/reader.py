@@ -146,9 +146,6 @@ class ShardStream:
         self.cursor = Cursor(epoch, offset)
         return {k: np.concatenate([p[k] for p in parts]) for k in self.columns} if len(parts) > 1 else parts[0]
 
-    def epoch_batches(self) -> int:
-        return self.total // (self.world * self.cfg.batch_size)
-
 
 def to_numpy(column: pa.ChunkedArray, pad_to: int = 1) -> np.ndarray:
     """Fixed-size list columns → dense arrays; variable lists (tail draws) → arrays padded with zeros to
