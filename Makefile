@@ -1,55 +1,53 @@
-# Offline teacher-logit distillation for Gemma 2. `make help` lists targets and variables.
-# Every variable is `?=`: override on the command line, e.g.
-#   make teacher-logits TEACHER=/models/gemma-2-27b TOKENIZER=/models/gemma-2-27b/tokenizer.model TOPK=128
+# Offline teacher-logit distillation for Gemma 2. `make help` lists targets and variables with their defaults.
+#   make teacher-logits TEACHER=/models/gemma-2-27b TOPK=128
+# A variable becomes its stage's flag only when set: every default lives once, in the stage (the library's
+# settings dataclasses), and `make help` prints it from there.
 
 RUN        ?= demo
 WORK       ?= runs/$(RUN)
-CORPUS     ?= stdlib
-TOKENIZER  ?=
-VOCAB      ?= 4096
-SEQ_LEN    ?= 128
-VAL_FRACTION ?= 0.03
-SHARD_WINDOWS ?= 1024
-TEACHER    ?= $(WORK)/teacher
-TEACHER_PRESET ?= demo-teacher
-TEACHER_TOKENS ?= 1000000
-TOPK       ?= 64
-SAMPLES    ?= 0
-CACHE_TOKENS ?= 0
-CACHE      ?= $(WORK)/logits
-STUDENTS   ?= demo-student-s demo-student-m
-LOSS       ?= kd
-KD_TARGET  ?= auto
-MAX_TOKENS ?= 400000
-BATCH_SIZE ?= 16
-LR         ?= 3e-3
-SEED       ?= 0
-PRECISION  ?= auto
-STUDENT_DIR ?= $(WORK)/students
-MERGE_INPUTS ?=
-MERGE_OUT  ?= $(STUDENT_DIR)/merged
-SHARD      ?= $(CACHE)/val/val-00000.parquet
-ROW        ?= 0
-POS        ?=
-EXTRA      ?=
-
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
+# Prefix of the GPU stages, e.g. "accelerate launch --num_processes 8" (run from the venv: see README).
 LAUNCH     ?= $(PY)
 TORCH_SPEC ?= torch==2.13.0
+STUDENTS   ?=
+MERGE_INPUTS ?=
+CONFIG     ?=
+EXTRA      ?=
+
+# VARIABLE:stage:flag — which stage flag each Make variable sets (several stages may share a variable).
+SETTINGS := \
+  CORPUS:tokenize:corpus TEXT_COLUMN:tokenize:text_column TOKENIZER:tokenize:tokenizer VOCAB:tokenize:vocab \
+  SEQ_LEN:tokenize:seq_len VAL_FRACTION:tokenize:val_fraction SHARD_WINDOWS:tokenize:shard_windows \
+  CORPUS_TOKENS:tokenize:corpus_tokens \
+  TEACHER_PRESET:teacher:preset TEACHER_TOKENS:teacher:max_tokens TEACHER:teacher:teacher \
+  BATCH_SIZE:teacher:batch_size PRECISION:teacher:precision SEED:teacher:seed \
+  TEACHER:teacher_logits:teacher CACHE:teacher_logits:cache TOPK:teacher_logits:topk SAMPLES:teacher_logits:samples \
+  CACHE_TOKENS:teacher_logits:cache_tokens CAPTURE_BATCH:teacher_logits:batch_size HEAD_CHUNK:teacher_logits:head_chunk \
+  DTYPE:teacher_logits:dtype \
+  CACHE:train_student:cache STUDENT_DIR:train_student:students LOSS:train_student:loss \
+  KD_TARGET:train_student:kd_target MAX_TOKENS:train_student:max_tokens BATCH_SIZE:train_student:batch_size \
+  LR:train_student:lr SEED:train_student:seed PRECISION:train_student:precision LOSS_CHUNK:train_student:loss_chunk \
+  CACHE:report:cache TEACHER:report:teacher STUDENT_DIR:report:students \
+  MERGE_OUT:merge:out \
+  SHARD:inspect:file ROW:inspect:row POS:inspect:pos
+
+# --flag value for each set variable mapped to stage $(1); the demo gets --set stage.flag=value instead.
+_var  = $(word 1,$(subst :, ,$(1)))
+_stg  = $(word 2,$(subst :, ,$(1)))
+_key  = $(word 3,$(subst :, ,$(1)))
+flags = $(foreach s,$(SETTINGS),$(if $(and $(filter $(1),$(call _stg,$(s))),$(strip $($(call _var,$(s))))),\
+          $(if $(filter file,$(call _key,$(s))),,--$(subst _,-,$(call _key,$(s)))) $($(call _var,$(s)))))
+sets  = $(foreach s,$(SETTINGS),$(if $(strip $($(call _var,$(s)))),--set $(call _stg,$(s)).$(call _key,$(s))=$($(call _var,$(s)))))
+common = --work $(WORK) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test tokens teacher teacher-logits train-student report merge inspect demo bench
+.PHONY: help install test lint tokens teacher teacher-logits train-student report merge inspect demo bench
 
-help: ## list targets and variables
+help: $(VENV)/.installed ## list targets and variables (with their defaults)
 	@echo "targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
-	@echo "variables (current values):"
-	@for v in RUN WORK CORPUS TOKENIZER VOCAB SEQ_LEN TEACHER TOPK SAMPLES CACHE_TOKENS STUDENTS LOSS KD_TARGET MAX_TOKENS BATCH_SIZE PRECISION LAUNCH; do \
-	  printf "  %-14s %s\n" $$v "$$($(MAKE) -s --no-print-directory print-$$v)"; done
-
-print-%:
-	@echo '$($*)'
+	@$(PY) -m stages.help $(SETTINGS)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -60,37 +58,35 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project with its test extra
 
-test: $(VENV)/.installed ## run the test suite (what CI runs)
+test: $(VENV)/.installed ## run the test suite (what CI runs, after lint)
 	$(PY) -m pytest -q
 
+lint: $(VENV)/.installed ## ruff over the code (what CI runs before the tests)
+	$(PY) -m ruff check pipeline stages schemas benchmarks tests
+
 tokens: $(VENV)/.installed ## corpus -> tokenizer -> token shards ($(WORK)/tokens)
-	$(PY) -m stages.tokenize --work $(WORK) --corpus $(CORPUS) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) --vocab $(VOCAB) \
-	  --seq-len $(SEQ_LEN) --val-fraction $(VAL_FRACTION) --shard-windows $(SHARD_WINDOWS) $(EXTRA)
+	$(PY) -m stages.tokenize $(common) $(call flags,tokenize) $(EXTRA)
 
 teacher: $(VENV)/.installed ## embedded default only: train the demo teacher on the token shards
-	$(LAUNCH) -m stages.teacher --data $(WORK)/tokens --out $(TEACHER) --preset $(TEACHER_PRESET) \
-	  --max-tokens $(TEACHER_TOKENS) --batch-size $(BATCH_SIZE) --precision $(PRECISION) --seed $(SEED) $(EXTRA)
+	$(LAUNCH) -m stages.teacher $(common) $(call flags,teacher) $(EXTRA)
 
-teacher-logits: $(VENV)/.installed ## teacher over the token shards -> top-K logit shards + manifest ($(CACHE))
-	$(LAUNCH) -m stages.teacher_logits --teacher $(TEACHER) --tokens $(WORK)/tokens --out $(CACHE) \
-	  --topk $(TOPK) --samples $(SAMPLES) --max-train-tokens $(CACHE_TOKENS) $(EXTRA)
+teacher-logits: $(VENV)/.installed ## teacher over the token shards -> top-K logit shards + manifest ($(WORK)/logits)
+	$(LAUNCH) -m stages.teacher_logits $(common) $(call flags,teacher_logits) $(EXTRA)
 
 train-student: $(VENV)/.installed ## train every student in STUDENTS from the logit cache
-	$(LAUNCH) -m stages.train_student --data $(CACHE) --out $(STUDENT_DIR) $(foreach s,$(STUDENTS),--student $(s)) \
-	  --loss $(LOSS) --kd-target $(KD_TARGET) --max-tokens $(MAX_TOKENS) --batch-size $(BATCH_SIZE) --lr $(LR) \
-	  --seed $(SEED) --precision $(PRECISION) $(EXTRA)
+	$(LAUNCH) -m stages.train_student $(common) $(if $(STUDENTS),--student $(STUDENTS)) $(call flags,train_student) $(EXTRA)
 
 report: $(VENV)/.installed ## tables and plots comparing students, teacher and caches ($(WORK)/report)
-	$(PY) -m stages.report --work $(WORK) $(EXTRA)
+	$(PY) -m stages.report $(common) $(call flags,report) $(EXTRA)
 
 merge: $(VENV)/.installed ## average students of one shape (MERGE_INPUTS="dirA dirB", MERGE_OUT=dir)
-	$(PY) -m stages.merge --inputs $(MERGE_INPUTS) --out $(MERGE_OUT) $(EXTRA)
+	$(PY) -m stages.merge $(common) $(if $(MERGE_INPUTS),--inputs $(MERGE_INPUTS)) $(call flags,merge) $(EXTRA)
 
 inspect: $(VENV)/.installed ## show a shard's schema, metadata and decoded distributions (SHARD=, ROW=, POS=)
-	$(PY) -m stages.inspect $(SHARD) --row $(ROW) $(if $(POS),--pos $(POS)) $(EXTRA)
+	$(PY) -m stages.inspect $(common) $(call flags,inspect) $(EXTRA)
 
 demo: $(VENV)/.installed ## the whole chain on the embedded default: distilled vs from-scratch students
-	$(PY) -m stages.demo --work $(WORK) $(EXTRA)
+	$(PY) -m stages.demo --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(sets) $(EXTRA)
 
 bench: $(VENV)/.installed ## benchmarks (CPU part; benchmarks/gpu.sh on a GPU)
 	$(PY) -m benchmarks.run --work $(WORK) $(EXTRA)

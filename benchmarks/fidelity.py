@@ -18,11 +18,11 @@ import torch
 from benchmarks.common import table
 from pipeline.checkpoint import load_model
 from pipeline.losses import LossConfig, row_losses
-from pipeline.model import Gemma2, softcap
+from pipeline.model import Gemma2
 from pipeline.reader import ReaderConfig, ShardStream
 from pipeline.shards import parquet_options
-from pipeline.topk import TopKConfig, targets_table, teacher_targets
-from schemas.logits import logits_schema
+from pipeline.topk import TopKConfig, teacher_targets
+from schemas.logits import TOPK_COLUMNS, decode, encode, logits_schema, to_torch
 
 KS = (8, 16, 32, 64, 128)
 NS = (0, 16, 64)
@@ -41,7 +41,7 @@ def _student_grad(student: Gemma2, ids: torch.Tensor, targets: dict[str, torch.T
     student.zero_grad(set_to_none=True)
     t = ids.shape[1] - 1
     h = student.hidden_states(ids[:, :t]).reshape(-1, student.config.hidden_size)
-    z = softcap((h @ student.model.embed_tokens.weight.T).float(), student.config.final_logit_softcapping)
+    z = student.logits(h)
     if full is not None:
         loss = -(full * torch.log_softmax(z, -1)).sum(-1).mean()
     else:
@@ -69,12 +69,12 @@ def run(teacher_dir: Path, val: Path, student_dir: Path | None, windows: int = 1
     for k in KS:
         for n in NS:
             tt = teacher_targets(teacher, ids, list(range(windows)), TopKConfig(topk=k, samples=n))
-            schema = logits_schema(ids.shape[1] - 1, k, n)
-            table_ = targets_table(tt, np.arange(windows), ids_np, schema).drop(["window", "input_ids"])
+            full_table = encode(tt, np.arange(windows), ids_np, logits_schema(ids.shape[1] - 1, k, n))
+            table_ = full_table.drop(["window", "input_ids"])
             size, _ = _bytes(table_, **parquet_options(table_.schema))
-            batch = {"topk_ids": torch.as_tensor(tt.topk_ids).reshape(positions, k).long(),
-                     "topk_logprobs": torch.as_tensor(tt.topk_logprobs.astype(np.float32)).reshape(positions, k),
-                     "tail_mass": torch.as_tensor(tt.tail_mass).reshape(-1)}
+            columns = TOPK_COLUMNS + ("tail_mass",) + (("sample_ids", "sample_counts") if n else ())
+            batch = {name: t.reshape(positions, *t.shape[2:])
+                     for name, t in to_torch(decode(full_table, columns, n), torch.device("cpu")).items()}
             row: dict[str, Any] = {"K": k, "N": n, "bytes_per_token": size / positions}
             if n == 0:
                 p_s = batch["topk_logprobs"].exp()
@@ -86,14 +86,6 @@ def run(teacher_dir: Path, val: Path, student_dir: Path | None, windows: int = 1
                     row[f"cos_{mode}"] = torch.nn.functional.cosine_similarity(g, g_full, dim=0).item()
                 row["cos_sampled"] = None
             else:
-                width = int(np.diff(tt.sample_offsets).max())
-                sid = np.zeros((positions, max(width, 1)), dtype=np.int64)
-                cnt = np.zeros_like(sid, dtype=np.float32)
-                lengths = np.diff(tt.sample_offsets)
-                r_idx = np.repeat(np.arange(positions), lengths)
-                c_idx = np.arange(len(tt.sample_ids)) - np.repeat(tt.sample_offsets[:-1], lengths)
-                sid[r_idx, c_idx], cnt[r_idx, c_idx] = tt.sample_ids, tt.sample_counts
-                batch.update(sample_ids=torch.as_tensor(sid), sample_counts=torch.as_tensor(cnt))
                 g = _student_grad(student, ids, batch, None, LossConfig(target="sampled"))
                 row.update(kl_full_to_target=None, cos_renorm=None, cos_tail=None,
                            cos_sampled=torch.nn.functional.cosine_similarity(g, g_full, dim=0).item())
@@ -107,11 +99,11 @@ def compression(teacher: Gemma2, ids: torch.Tensor, ids_np: np.ndarray, windows:
     k, n = 64, 16
     tt = teacher_targets(teacher, ids, list(range(windows)), TopKConfig(topk=k, samples=n))
     schema = logits_schema(ids.shape[1] - 1, k, n)
-    base = targets_table(tt, np.arange(windows), ids_np, schema).drop(["window", "input_ids"])
+    base = encode(tt, np.arange(windows), ids_np, schema).drop(["window", "input_ids"])
     order = np.argsort(tt.topk_ids, axis=-1, kind="stable")
     tt_sorted = type(tt)(**{**tt.__dict__, "topk_ids": np.take_along_axis(tt.topk_ids, order, -1),
                             "topk_logprobs": np.take_along_axis(tt.topk_logprobs, order, -1)})
-    sorted_ = targets_table(tt_sorted, np.arange(windows), ids_np, schema).drop(["window", "input_ids"])
+    sorted_ = encode(tt_sorted, np.arange(windows), ids_np, schema).drop(["window", "input_ids"])
     positions = tt.tail_mass.size
     default = parquet_options(base.schema)
     variants = [("default: zstd 3, byte-stream-split floats", base, default),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import device, table, timed
 from pipeline.losses import LossConfig, chunked_loss
-from pipeline.model import Gemma2, preset, softcap
+from pipeline.model import Gemma2, preset
 
 MODES = ("ce", "kd", "kd_sampled", "naive_ce", "naive_kd")
 
@@ -49,13 +49,13 @@ def worker(mode: str, name: str, vocab: int, seq: int, batch: int, chunk: int, m
     t = _targets(n, vocab, 64, 16 if mode == "kd_sampled" else 0, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     loss_cfg = LossConfig(kind="ce" if mode in ("ce", "naive_ce") else "kd",
-                          target="sampled" if mode == "kd_sampled" else "tail", chunk_tokens=chunk)
+                          target="sampled" if mode == "kd_sampled" else "tail", loss_chunk=chunk)
 
     def step() -> None:
         with amp:
             h = model.hidden_states(ids[:, :seq]).reshape(n, -1)
             if mode.startswith("naive"):
-                z = softcap((h @ model.model.embed_tokens.weight.T).float(), cfg.final_logit_softcapping)
+                z = model.logits(h)
                 if mode == "naive_ce":
                     loss = F.cross_entropy(z, t["labels"])
                 else:
@@ -64,7 +64,7 @@ def worker(mode: str, name: str, vocab: int, seq: int, batch: int, chunk: int, m
                     tail_q = 1 - logq.gather(-1, t["topk_ids"]).exp().sum(-1)
                     loss = (-(p * logq.gather(-1, t["topk_ids"])).sum(-1) - t["tail_mass"] * tail_q.clamp(min=1e-9).log()).mean()
             else:
-                loss = chunked_loss(h, model.model.embed_tokens.weight, cfg.final_logit_softcapping, t, loss_cfg)
+                loss = chunked_loss(h, model.head_weight, cfg.final_logit_softcapping, t, loss_cfg)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

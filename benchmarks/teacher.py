@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from benchmarks.common import device, peak_flops, sync, table, timed
@@ -20,26 +20,23 @@ from pipeline.shards import ShardWriter
 from pipeline.tokenizer import Tokenizer
 from pipeline.topk import TopKConfig, teacher_targets
 from schemas.common import with_meta
-from schemas.manifest import write_manifest
-from schemas.tokens import TOKENS_VERSION, token_schema
+from schemas.manifest import TokensStats, shard_record, write_manifest
+from schemas.tokens import TokensMeta, encode, token_schema
 
 
 def synthetic_tokens(folder: Path, tokenizer: Tokenizer, vocab: int, seq_len: int, windows: int) -> None:
     """Random token shards in the real format, so the real stage runs on them."""
     rng = np.random.default_rng(0)
-    meta = {"kind": "tokens", "schema_version": TOKENS_VERSION, "seq_len": seq_len, "vocab_size": vocab,
-            "tokenizer_fingerprint": tokenizer.fingerprint, "corpus": "synthetic"}
     for split, n in (("train", windows), ("val", 1)):
+        meta = TokensMeta(seq_len=seq_len, vocab_size=vocab, tokenizer_fingerprint=tokenizer.fingerprint,
+                          corpus="synthetic", split=split)
         ids = rng.integers(4, vocab, size=(n, seq_len + 1), dtype=np.int32)
-        schema = with_meta(token_schema(seq_len), {**meta, "split": split})
+        schema = token_schema(seq_len)
         path = folder / split / f"{split}-00000.parquet"
-        with ShardWriter(path, schema, 1024) as w:
-            w.write(pa.table({"window": pa.array(np.arange(n)),
-                              "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len + 1)},
-                             schema=schema))
-        from pipeline.shards import shard_record
-
-        write_manifest(folder / split, "tokens", {**meta, "split": split}, [shard_record(path, n, seq_len)], {"max_id": int(ids.max())})
+        with ShardWriter(path, with_meta(schema, meta), 1024) as w:
+            w.write(encode(np.arange(n), ids, schema))
+        write_manifest(folder / split, meta, [shard_record(path, n, seq_len, max_id=int(ids.max()))],
+                       TokensStats(max_id=int(ids.max())))
 
 
 def stage_loop(model: Gemma2, tmp: Path, cfg: CaptureConfig, dev: torch.device) -> float:
@@ -49,17 +46,17 @@ def stage_loop(model: Gemma2, tmp: Path, cfg: CaptureConfig, dev: torch.device) 
     from schemas.manifest import read_manifest
 
     manifest = read_manifest(tmp / "tokens" / "train", "tokens")
-    shard = manifest["shards"][0]
-    meta = expected_meta(manifest["meta"], shard, "bench", model.config.vocab_size, cfg, "train")
+    shard = manifest.shards[0]
+    meta = expected_meta(manifest.meta, shard, "bench", model.config.vocab_size, cfg, "train")
 
     class _Bar:
         def update(self, n: int) -> None:
             pass
 
     start = time.perf_counter()
-    _capture_shard(model, tmp / "tokens" / "train" / shard["file"], tmp / "logits" / shard["file"], meta, shard, cfg, dev, _Bar())
+    _capture_shard(model, tmp / "tokens" / "train" / shard.file, tmp / "logits" / shard.file, meta, cfg, dev, _Bar())
     sync()
-    return shard["rows"] / (time.perf_counter() - start)
+    return shard.rows / (time.perf_counter() - start)
 
 
 def transformers_topk(ours: Gemma2, ids: torch.Tensor, k: int, attn: str) -> float:
@@ -89,12 +86,9 @@ def transformers_topk(ours: Gemma2, ids: torch.Tensor, k: int, attn: str) -> flo
 
 def random_model(cfg: Any, dtype: torch.dtype, dev: torch.device) -> Gemma2:
     """Random weights made on the device itself (a 9B initialised on the CPU would take minutes)."""
-    with torch.device(dev):
+    with torch.device("meta"):
         model = Gemma2(cfg).to(dtype)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.zero_() if name.endswith("norm.weight") else p.normal_(0, cfg.initializer_range, generator=gen)
+    model.init_weights(0, dev)
     return model.eval()
 
 
@@ -109,8 +103,8 @@ def run(shapes: list[tuple[str, int, int]], tokenizer: Tokenizer, k: int = 64) -
             tmp = Path(tmp)
             ours = random_model(cfg, dtype, dev)
             ids = torch.randint(4, cfg.vocab_size, (batch, seq_len + 1), device=dev)
-            top = TopKConfig(topk=k, chunk_tokens=2048)
-            fwd = batch * seq_len / timed(lambda: teacher_targets(ours, ids, list(range(batch)), top), repeats=2)
+            top = TopKConfig(topk=k, head_chunk=2048)
+            fwd = batch * seq_len / timed(partial(teacher_targets, ours, ids, list(range(batch)), top), repeats=2)
             windows = batch * (8 if dev.type == "cuda" else 16)
             synthetic_tokens(tmp / "tokens", tokenizer, cfg.vocab_size, seq_len, windows)
             e2e = stage_loop(ours, tmp, CaptureConfig(top, batch_size=batch), dev) * seq_len

@@ -8,10 +8,10 @@ i mod world); rank 0 writes the manifests once every rank is done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +22,31 @@ import torch
 from pipeline.checkpoint import load_config, load_model, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.fsutil import clean_stale_tmp
+from pipeline.layout import SPLITS
 from pipeline.progress import progress
-from pipeline.shards import ShardWriter, rows_per_group, shard_record
+from pipeline.runtime import Runtime, teacher_dtype
+from pipeline.settings import setting
+from pipeline.shards import ShardWriter, rows_per_group
 from pipeline.tokenizer import Tokenizer
-from pipeline.topk import TopKConfig, targets_table, teacher_targets
+from pipeline.topk import TopKConfig, teacher_targets
 from schemas.common import with_meta
-from schemas.logits import LOGITS_VERSION, logits_schema, validate_logits_shard
-from schemas.manifest import MANIFEST, read_manifest, write_manifest
-from schemas.tokens import validate_token_shard
+from schemas.logits import LogitsShardMeta, encode, logits_schema, validate_logits_shard
+from schemas.manifest import MANIFEST, LogitsStats, Manifest, ShardRecord, read_manifest, shard_record, write_manifest
+from schemas.tokens import TokensMeta, validate_token_shard
 
-SPLITS = ("train", "val")
 STATS_KEY = b"distill.stats"
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    topk: TopKConfig
-    batch_size: int = 8  # windows per teacher forward
-    background_writes: bool = True
-    max_train_tokens: int = 0  # cache only the first train shards covering this many tokens (0: all)
+    topk: TopKConfig = TopKConfig()
+    batch_size: int = setting(8, "windows per teacher forward")
+    cache_tokens: int = setting(0, "cache only the first train shards covering this many tokens (0: all); val is "
+                                   "always whole")
+    background_writes: bool = True  # compress and write on a thread while the teacher computes the next batch
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Where this process stands among its peers; `barrier` waits for all of them."""
-
-    rank: int = 0
-    world: int = 1
-    barrier: Callable[[], None] = lambda: None
-
-
-def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str, ...]) -> dict[str, Manifest]:
     """Before any work: same tokenizer, every id below the teacher's vocabulary."""
     tok_path = teacher / "tokenizer.model"
     if not tok_path.is_file():
@@ -61,115 +55,112 @@ def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str,
     vocab = load_config(teacher).vocab_size
     manifests = {s: read_manifest(tokens / s, "tokens") for s in splits}
     for split, manifest in manifests.items():
-        token_fp = manifest["meta"]["tokenizer_fingerprint"]
+        token_fp = manifest.meta.tokenizer_fingerprint
         if token_fp != teacher_fp:
             raise PipelineError(
                 f"{tokens / split}: token shards were made with tokenizer {token_fp[:16]}…, the teacher's "
                 f"{tok_path} is {teacher_fp[:16]}…; rerun `make tokens TOKENIZER={tok_path}`"
             )
-        if manifest["stats"]["max_id"] >= vocab:
+        if manifest.stats.max_id >= vocab:
             raise PipelineError(
-                f"{tokens / split}: token id {manifest['stats']['max_id']} is not below the teacher's vocab_size {vocab}; "
+                f"{tokens / split}: token id {manifest.stats.max_id} is not below the teacher's vocab_size {vocab}; "
                 "the tokens were made for another model"
             )
     return manifests
 
 
-def limit_shards(manifest: dict[str, Any], tokens: int) -> dict[str, Any]:
+def limit_shards(manifest: Manifest, tokens: int) -> Manifest:
     """The leading shards that cover `tokens` (whole shards, so every cached shard has its source's name)."""
     kept, covered = [], 0
-    for shard in manifest["shards"]:
+    for shard in manifest.shards:
         if covered >= tokens:
             break
         kept.append(shard)
-        covered += shard["tokens"]
-    return {**manifest, "shards": kept}
+        covered += shard.tokens
+    return dataclasses.replace(manifest, shards=tuple(kept))
 
 
-def expected_meta(token_meta: dict[str, Any], shard: dict[str, Any], teacher_fp: str, vocab: int,
-                  cfg: CaptureConfig, split: str) -> dict[str, Any]:
-    return {
-        "kind": "logits", "schema_version": LOGITS_VERSION, "seq_len": token_meta["seq_len"], "vocab_size": vocab,
-        "topk": cfg.topk.topk, "samples": cfg.topk.samples, "sample_seed": cfg.topk.seed,
-        "tokenizer_fingerprint": token_meta["tokenizer_fingerprint"], "teacher_fingerprint": teacher_fp,
-        "source_shard": shard["file"], "source_sha256": shard["sha256"], "split": split,
-        "corpus": token_meta.get("corpus", ""),
-    }
+def expected_meta(token_meta: TokensMeta, shard: ShardRecord, teacher_fp: str, vocab: int, cfg: CaptureConfig,
+                  split: str) -> LogitsShardMeta:
+    return LogitsShardMeta(
+        seq_len=token_meta.seq_len, vocab_size=vocab, topk=cfg.topk.topk, samples=cfg.topk.samples,
+        sample_seed=cfg.topk.sample_seed, tokenizer_fingerprint=token_meta.tokenizer_fingerprint,
+        teacher_fingerprint=teacher_fp, source_shard=shard.file, source_sha256=shard.sha256, split=split,
+        corpus=token_meta.corpus,
+    )
 
 
-def is_complete(path: Path, meta: dict[str, Any], rows: int) -> bool:
+def is_complete(path: Path, meta: LogitsShardMeta, rows: int) -> bool:
     """A shard from an earlier run counts only if it is readable, made with these settings, and whole."""
     if not path.is_file():
         return False
     try:
-        found = validate_logits_shard(path)
-        return found == meta and pq.read_metadata(path).num_rows == rows
+        return validate_logits_shard(path) == meta and pq.read_metadata(path).num_rows == rows
     except (PipelineError, OSError):
         return False
 
 
-def capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, dist: Dist = Dist(),
-            device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, Any] | None:
+def capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime: Runtime = Runtime(),
+            dtype: torch.dtype | None = None) -> dict[str, Manifest] | None:
     """Runs the teacher over every token shard; returns the manifests on rank 0."""
     if cfg.topk.samples > 65535:
         raise PipelineError(f"--samples {cfg.topk.samples}: at most 65535 draws per position (uint16 counts)")
     manifests = check_teacher_matches_tokens(teacher, tokens, SPLITS)
-    if cfg.max_train_tokens:
-        manifests["train"] = limit_shards(manifests["train"], cfg.max_train_tokens)
+    if cfg.cache_tokens:
+        manifests["train"] = limit_shards(manifests["train"], cfg.cache_tokens)
     vocab = load_config(teacher).vocab_size
     if not 0 < cfg.topk.topk <= vocab:
         raise PipelineError(f"--topk {cfg.topk.topk}: must be between 1 and the teacher's vocab_size {vocab}")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = runtime.device
+    dtype = dtype or teacher_dtype(device)
     teacher_fp = model_fingerprint(teacher)
-    if dist.rank == 0:
+    if runtime.is_main:
         for split in SPLITS:
             (out / split).mkdir(parents=True, exist_ok=True)
             (out / split / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until rewritten
             clean_stale_tmp(out / split)
-    dist.barrier()
+    runtime.barrier()
 
     jobs = []
     for split in SPLITS:
-        token_meta = manifests[split]["meta"]
-        for i, shard in enumerate(manifests[split]["shards"]):
+        token_meta = manifests[split].meta
+        for i, shard in enumerate(manifests[split].shards):
             meta = expected_meta(token_meta, shard, teacher_fp, vocab, cfg, split)
-            target = out / split / shard["file"]
-            if i % dist.world == dist.rank and not is_complete(target, meta, shard["rows"]):
-                jobs.append((tokens / split / shard["file"], target, meta, shard))
+            target = out / split / shard.file
+            if i % runtime.world == runtime.rank and not is_complete(target, meta, shard.rows):
+                jobs.append((tokens / split / shard.file, target, meta, shard))
     if jobs:
         model = load_model(teacher, dtype=dtype, device=device)
-        total = sum(s["tokens"] for *_, s in jobs)
-        bar = progress(total=total, desc=f"teacher-logits[{dist.rank}]", unit=" tok", unit_scale=True,
-                       position=dist.rank)
-        for source, target, meta, shard in jobs:
-            _capture_shard(model, source, target, meta, shard, cfg, device, bar)
+        total = sum(s.tokens for *_, s in jobs)
+        bar = progress(total=total, desc=f"teacher-logits[{runtime.rank}]", unit=" tok", unit_scale=True,
+                       position=runtime.rank)
+        for source, target, meta, _ in jobs:
+            _capture_shard(model, source, target, meta, cfg, device, bar)
         bar.close()
-    dist.barrier()
-    if dist.rank != 0:
+    runtime.barrier()
+    if not runtime.is_main:
         return None
     shutil.copyfile(teacher / "tokenizer.model", out / "tokenizer.model")
     return {split: _write_split_manifest(out / split, manifests[split], cfg) for split in SPLITS}
 
 
-def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: dict[str, Any], shard: dict[str, Any],
-                   cfg: CaptureConfig, device: torch.device, bar: Any) -> None:
-    if validate_token_shard(source)["seq_len"] != meta["seq_len"]:
+def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: LogitsShardMeta, cfg: CaptureConfig,
+                   device: torch.device, bar: Any) -> None:
+    if validate_token_shard(source).seq_len != meta.seq_len:
         raise PipelineError(f"{source}: seq_len differs from its manifest; rerun `make tokens`")
     table = pq.read_table(source)
-    seq_len, k = meta["seq_len"], meta["topk"]
+    seq_len, k = meta.seq_len, meta.topk
     ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, seq_len + 1)
     windows = table.column("window").to_numpy()
-    schema = logits_schema(seq_len, k, meta["samples"])
-    row_bytes = seq_len * (k * 6 + 4 + meta["samples"] * 6) + (seq_len + 1) * 4
+    schema = logits_schema(seq_len, k, meta.samples)
+    row_bytes = seq_len * (k * 6 + 4 + meta.samples * 6) + (seq_len + 1) * 4
     sums = {"tail_mass": 0.0, "entropy": 0.0, "positions": 0}
     with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes), background=cfg.background_writes) as writer:
         for start in range(0, len(ids), cfg.batch_size):
             batch = ids[start : start + cfg.batch_size]
             wins = windows[start : start + cfg.batch_size]
             targets = teacher_targets(model, torch.tensor(batch, dtype=torch.long, device=device), wins.tolist(), cfg.topk)
-            writer.write(targets_table(targets, wins, batch, schema))
+            writer.write(encode(targets, wins, batch, schema))
             sums["tail_mass"] += float(targets.tail_mass.astype(np.float64).sum())
             sums["entropy"] += float(targets.entropy.astype(np.float64).sum())
             sums["positions"] += targets.tail_mass.size
@@ -177,23 +168,22 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: dic
         writer.footer[STATS_KEY] = json.dumps(sums, sort_keys=True).encode()
 
 
-def _write_split_manifest(folder: Path, token_manifest: dict[str, Any], cfg: CaptureConfig) -> dict[str, Any]:
+def _write_split_manifest(folder: Path, token_manifest: Manifest, cfg: CaptureConfig) -> Manifest:
     records, sums = [], {"tail_mass": 0.0, "entropy": 0.0, "positions": 0}
     meta = None
-    for shard in token_manifest["shards"]:
-        path = folder / shard["file"]
+    for shard in token_manifest.shards:
+        path = folder / shard.file
         meta = validate_logits_shard(path)
         stats = json.loads(pq.read_metadata(path).metadata[STATS_KEY])
         for key in sums:
             sums[key] += stats[key]
-        records.append(shard_record(path, shard["rows"], meta["seq_len"]))
+        records.append(shard_record(path, shard.rows, meta.seq_len))
     assert meta is not None
-    common = {k: v for k, v in meta.items() if k not in ("source_shard", "source_sha256")}
     positions = max(1, sums["positions"])
-    stats = {
-        "bytes_per_token": sum(r["bytes"] for r in records) / positions,
-        "mean_tail_mass": sums["tail_mass"] / positions,
-        "mean_teacher_entropy": sums["entropy"] / positions,
-        "capture_config": asdict(cfg),
-    }
-    return write_manifest(folder, "logits", common, records, stats)
+    stats = LogitsStats(
+        bytes_per_token=sum(r.bytes for r in records) / positions,
+        mean_tail_mass=sums["tail_mass"] / positions,
+        mean_teacher_entropy=sums["entropy"] / positions,
+        capture_config=dataclasses.asdict(cfg),
+    )
+    return write_manifest(folder, meta.shared(), records, stats)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.settings import setting
 
 PLAIN = (".txt", ".md")
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -22,9 +23,10 @@ STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    source: str
-    text_column: str = "text"
-    split: str = "train"
+    source: str = setting("stdlib", "stdlib, a file or folder of .txt/.md/.jsonl/.json/.parquet/.csv, or a Hugging Face "
+                          "dataset name", flag="corpus")
+    text_column: str = setting("text", "the text column of tabular files and datasets")
+    dataset_split: str = setting("train", "the split of a Hugging Face dataset to read")
 
     def describe(self) -> str:
         return self.source if self.source != "stdlib" else f"stdlib:{stdlib_root()}"
@@ -84,10 +86,10 @@ def _hub(spec: CorpusSpec) -> Iterator[tuple[str, str]]:
     import datasets
 
     try:
-        rows = datasets.load_dataset(spec.source, split=spec.split, streaming=True)
+        rows = datasets.load_dataset(spec.source, split=spec.dataset_split, streaming=True)
     except Exception as e:  # datasets raises many types for "not cached and no network"
         raise PipelineError(
-            f"dataset {spec.source!r} (split {spec.split!r}) could not be opened: {type(e).__name__}: {e}; "
+            f"dataset {spec.source!r} (split {spec.dataset_split!r}) could not be opened: {type(e).__name__}: {e}; "
             "it must be in the Hugging Face cache or reachable over the network"
         ) from None
     yield from _rows(rows, spec, spec.source)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import Gemma2, softcap
-from pipeline.reader import KD_COLUMNS, ReaderConfig, ShardStream, open_split
+from pipeline.model import Gemma2
+from pipeline.reader import ReaderConfig, ShardStream, open_split
+from pipeline.runtime import Runtime
+from schemas.logits import EVAL_COLUMNS, MODE_COLUMNS, to_torch
 
 BINS = 15
 
@@ -59,23 +61,23 @@ class Sums:
 
 @torch.no_grad()
 def evaluate(model: Gemma2, val: str | Path, batch_size: int = 16, chunk_tokens: int = 1024, limit: int = 0,
-             rank: int = 0, world: int = 1,
+             runtime: Runtime = Runtime(),
              reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
     """The first `limit` val windows (0: all) in file order, once; rank r takes every world-th batch and
     the sums are reduced across ranks."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    columns = KD_COLUMNS if open_split(val)["kind"] == "logits" else ("input_ids",)
+    columns = EVAL_COLUMNS if open_split(val).kind == "logits" else MODE_COLUMNS["ce"]
     stream = ShardStream(val, columns, ReaderConfig(batch_size), shuffle=False)
     total = min(stream.total, limit) if limit else stream.total
     sums = Sums()
     for i in range(math.ceil(total / batch_size)):
         block = stream.next_batch()
-        if i % world != rank:
+        if i % runtime.world != runtime.rank:
             continue
         rows = min(batch_size, total - i * batch_size)
-        batch = {k: torch.as_tensor(v[:rows]).to(device) for k, v in block.items()}
+        batch = to_torch({k: v[:rows] for k, v in block.items()}, device)
         _accumulate(model, batch, chunk_tokens, sums)
     reduced = reduce(sums.as_tensor().to(device)).cpu()
     model.train(was_training)
@@ -83,13 +85,12 @@ def evaluate(model: Gemma2, val: str | Path, batch_size: int = 16, chunk_tokens:
 
 
 def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums: Sums) -> None:
-    ids = batch["input_ids"].long()
+    ids = batch["input_ids"]
     t = ids.shape[1] - 1
     hidden = model.hidden_states(ids[:, :t]).reshape(-1, model.config.hidden_size)
     labels = ids[:, 1:].reshape(-1)
-    weight = model.model.embed_tokens.weight
     for s in range(0, hidden.shape[0], chunk):
-        z = softcap((hidden[s : s + chunk] @ weight.T).float(), model.config.final_logit_softcapping)
+        z = model.logits(hidden[s : s + chunk])
         logq = torch.log_softmax(z, -1)
         y = labels[s : s + chunk]
         sums.ce += -logq.gather(-1, y[:, None]).sum().item()
@@ -103,9 +104,9 @@ def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums:
         sums.bin_correct.index_add_(0, bins, correct)
         if "topk_ids" in batch:
             k = batch["topk_ids"].shape[-1]
-            ids_k = batch["topk_ids"].reshape(-1, k)[s : s + chunk].long()
-            lp = batch["topk_logprobs"].reshape(-1, k)[s : s + chunk].float()
-            r = batch["tail_mass"].reshape(-1)[s : s + chunk].float().clamp(min=0.0)
+            ids_k = batch["topk_ids"].reshape(-1, k)[s : s + chunk]
+            lp = batch["topk_logprobs"].reshape(-1, k)[s : s + chunk]
+            r = batch["tail_mass"].reshape(-1)[s : s + chunk].clamp(min=0.0)
             p = lp.exp()
             kl = (p * (lp - logq.gather(-1, ids_k))).sum(-1)
             if ids_k.shape[-1] < logq.shape[-1]:

@@ -25,17 +25,21 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.settings import setting
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: str = "kd"  # kd | ce
-    target: str = "auto"  # auto (sampled when the cache has tail draws, else tail) | tail | renorm | sampled
-    temperature: float = 1.0
-    alpha: float = 1.0  # weight of KD; 1 − alpha goes to hard-label CE
-    chunk_tokens: int = 1024
+    kind: str = setting("kd", "kd (from the teacher's cached distribution) or ce (hard labels: the from-scratch "
+                              "baseline)", flag="loss", choices=("kd", "ce"))
+    target: str = setting("auto", "how the cached target is used: tail (top-K + tail bucket), renorm (top-K "
+                                  "renormalised), sampled (top-K + tail draws); auto: sampled when the cache has "
+                                  "draws, else tail", flag="kd_target", choices=KD_TARGETS)
+    temperature: float = setting(1.0, "re-tempers the cached target (loss × τ²)")
+    alpha: float = setting(1.0, "KD weight; 1 - alpha goes to hard-label CE")
+    loss_chunk: int = setting(1024, "positions per loss chunk (bounds the logits' memory at chunk × vocab)")
 
     def __post_init__(self) -> None:
         if self.kind not in ("kd", "ce"):
@@ -54,10 +58,12 @@ def resolve_target(target: str, has_samples: bool) -> str:
     return "sampled" if has_samples else "tail"
 
 
-def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher probabilities on S and the tail bucket, re-tempered for τ ≠ 1."""
+def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor | None,
+                    tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher probabilities on S and the tail bucket, re-tempered for τ ≠ 1 (`renorm` reads no tail mass:
+    its bucket is then zero)."""
     p = topk_logprobs.float().exp()
-    r = tail_mass.float().clamp(min=0.0)
+    r = tail_mass.float().clamp(min=0.0) if tail_mass is not None else torch.zeros_like(p[..., 0])
     if tau != 1.0:
         p = p.pow(1.0 / tau)
         r = r.pow(1.0 / tau)
@@ -76,8 +82,8 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     lse = torch.logsumexp(zt, -1)
     ids = t["topk_ids"]
     logq_s = zt.gather(-1, ids) - lse[:, None]
-    p, r = teacher_weights(t["topk_logprobs"], t["tail_mass"], tau)
     target = resolve_target(cfg.target, "sample_ids" in t)
+    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), tau)
     if target == "renorm":
         kd = -((p / p.sum(-1, keepdim=True)) * logq_s).sum(-1)
     elif target == "sampled":
@@ -118,8 +124,8 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     q = torch.softmax(z / tau if tau != 1.0 else z, -1)
     ids = t["topk_ids"]
     q_s = q.gather(-1, ids)
-    p, r = teacher_weights(t["topk_logprobs"], t["tail_mass"], tau)
     target = resolve_target(cfg.target, "sample_ids" in t)
+    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), tau)
     if target == "renorm":
         p = p / p.sum(-1, keepdim=True)
         rows = -(p * q_s.log()).sum(-1)
@@ -162,9 +168,9 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], cfg.chunk_tokens):
-            h = hidden[s : s + cfg.chunk_tokens]
-            chunk = {k: v[s : s + cfg.chunk_tokens] for k, v in targets.items()}
+        for s in range(0, hidden.shape[0], cfg.loss_chunk):
+            h = hidden[s : s + cfg.loss_chunk]
+            chunk = {k: v[s : s + cfg.loss_chunk] for k, v in targets.items()}
             z = (h @ weight.T).float()
             if cap is not None:  # the student's final soft-cap, in place
                 z = z.div_(cap).tanh_().mul_(cap)

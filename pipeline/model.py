@@ -352,15 +352,21 @@ class Gemma2(nn.Module):
         self.model = Gemma2Body(cfg)
         self.gradient_checkpointing = False
 
-    def init_weights(self, seed: int) -> None:
-        """HF's initialisation: normal(0, initializer_range) for matrices, zeros for the norm offsets."""
-        gen = torch.Generator().manual_seed(seed)
+    def init_weights(self, seed: int, device: torch.device | str | None = None) -> None:
+        """HF's initialisation: normal(0, initializer_range) for matrices, zeros for the norm offsets, drawn
+        in parameter order from one generator seeded with `seed` on the parameters' device (so the values
+        depend on the seed and the device type only). A model built on the meta device is first
+        materialised on `device`."""
+        if device is not None and any(p.is_meta for p in self.parameters()):
+            self.to_empty(device=device)
+        gen: torch.Generator | None = None
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                if name.endswith("norm.weight"):
                     p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
+                    continue
+                gen = gen or torch.Generator(device=p.device).manual_seed(seed)
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device) * self.config.initializer_range)
 
     def _impl(self, device: torch.device) -> str:
         if self.attn_implementation == "auto":
@@ -383,9 +389,16 @@ class Gemma2(nn.Module):
                 x = layer(x, cos, sin, impl)
         return self.model.norm(x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [V, H]: the input embedding, tied."""
+        return self.model.embed_tokens.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied head (no sqrt(H) on this side) followed by the final soft-cap."""
-        return softcap(hidden @ self.model.embed_tokens.weight.T, self.config.final_logit_softcapping)
+        """Float32 logits of hidden states [..., H]. The one cast order every caller shares: the tied head's
+        matmul in the activation dtype (no sqrt(H) on this side), then float32, then the final soft-cap in
+        float32 (so a bf16 model's cap loses nothing more to rounding)."""
+        return softcap((hidden @ self.head_weight.T).float(), self.config.final_logit_softcapping)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids))

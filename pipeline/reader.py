@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from schemas.manifest import read_manifest
-
-KD_COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "tail_mass")
-SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
+from pipeline.runtime import Runtime
+from schemas.logits import decode
+from schemas.manifest import Manifest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -39,10 +37,10 @@ class Cursor:
     offset: int = 0  # rows of this epoch consumed by all ranks together
 
 
-def open_split(folder: str | Path) -> dict[str, Any]:
+def open_split(folder: str | Path) -> Manifest:
     """The manifest of a logits or tokens split folder, whichever it is."""
     manifest = read_manifest(folder, ("logits", "tokens"))
-    if not manifest["shards"]:
+    if not manifest.shards:
         raise PipelineError(f"{folder}: the manifest lists no shards")
     return manifest
 
@@ -50,24 +48,24 @@ def open_split(folder: str | Path) -> dict[str, Any]:
 class ShardStream:
     """Infinite stream of row batches from one split folder."""
 
-    def __init__(self, folder: str | Path, columns: tuple[str, ...], cfg: ReaderConfig, rank: int = 0,
-                 world: int = 1, cursor: Cursor = Cursor(), shuffle: bool = True) -> None:
+    def __init__(self, folder: str | Path, columns: tuple[str, ...], cfg: ReaderConfig, runtime: Runtime = Runtime(),
+                 cursor: Cursor = Cursor(), shuffle: bool = True) -> None:
         self.folder = Path(folder)
         self.manifest = open_split(self.folder)
-        self.meta = self.manifest["meta"]
+        self.meta = self.manifest.meta
         missing = set(columns) - set(self._schema_names())
         if missing:
             raise PipelineError(f"{self.folder}: shards have no column(s) {sorted(missing)}; "
                                 f"{'kd needs a teacher logit cache' if 'topk_ids' in missing else 'recreate the cache'}")
-        self.columns, self.cfg, self.rank, self.world = columns, cfg, rank, world
+        self.columns, self.cfg, self.rank, self.world = columns, cfg, runtime.rank, runtime.world
         self.cursor = cursor
         self.shuffle = shuffle
-        self.rows = [s["rows"] for s in self.manifest["shards"]]
+        self.rows = [s.rows for s in self.manifest.shards]
         self.total = sum(self.rows)
         self._block: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
     def _schema_names(self) -> list[str]:
-        return pq.read_schema(self.folder / self.manifest["shards"][0]["file"]).names
+        return pq.read_schema(self.folder / self.manifest.shards[0].file).names
 
     # --- the order -------------------------------------------------------------------------------------
 
@@ -96,9 +94,7 @@ class ShardStream:
             pos += n
             if pos >= stop:
                 break
-        table = pa.concat_tables(tables)
-        pad = max(1, self.meta.get("samples", 0))
-        arrays = {name: to_numpy(table.column(name), pad) for name in self.columns}
+        arrays = decode(pa.concat_tables(tables), self.columns, getattr(self.meta, "samples", 0))
         perm = self._block_perm(epoch, block, stop - start)
         arrays = {name: a[perm] for name, a in arrays.items()}
         self._block = ((epoch, block), arrays)
@@ -106,7 +102,7 @@ class ShardStream:
 
     def _read_rows(self, shard: int, lo: int, hi: int) -> pa.Table:
         """Reads only the row groups that cover rows [lo, hi) of one shard."""
-        path = self.folder / self.manifest["shards"][shard]["file"]
+        path = self.folder / self.manifest.shards[shard].file
         try:
             f = pq.ParquetFile(path, page_checksum_verification=True)
             groups, first, at = [], None, 0
@@ -146,24 +142,3 @@ class ShardStream:
         self.cursor = Cursor(epoch, offset)
         return {k: np.concatenate([p[k] for p in parts]) for k in self.columns} if len(parts) > 1 else parts[0]
 
-
-def to_numpy(column: pa.ChunkedArray, pad_to: int = 1) -> np.ndarray:
-    """Fixed-size list columns → dense arrays; variable lists (tail draws) → arrays padded with zeros to
-    `pad_to` entries."""
-    arr = column.combine_chunks()
-    shape = [len(arr)]
-    while pa.types.is_fixed_size_list(arr.type):
-        shape.append(arr.type.list_size)
-        arr = arr.flatten()
-    if pa.types.is_list(arr.type):
-        offsets = arr.offsets.to_numpy()
-        offsets = offsets - offsets[0]  # a sliced array's offsets do not start at 0
-        values = arr.flatten().to_numpy()
-        lengths = np.diff(offsets)
-        width = max(pad_to, int(lengths.max()) if len(lengths) else 1)
-        out = np.zeros((len(lengths), width), dtype=values.dtype)
-        row = np.repeat(np.arange(len(lengths)), lengths)
-        col = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
-        out[row, col] = values
-        return out.reshape(*shape, width)
-    return arr.to_numpy(zero_copy_only=False).reshape(shape)

@@ -17,42 +17,35 @@ from pipeline.checkpoint import load_config, load_model
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import read_json, sha256_file, write_json
-from schemas.manifest import read_manifest
+from pipeline.layout import Layout
+from schemas.common import to_json
+from schemas.logits import MODE_COLUMNS
+from schemas.manifest import Manifest, read_manifest
+from schemas.run_config import read_run_config
 
 TARGET_GAP = 0.08  # the Gemma 2 report's order of magnitude: distilled ≥ 8% lower perplexity
-MODE_COLUMNS = {
-    "renorm": ("topk_ids", "topk_logprobs"),
-    "tail": ("topk_ids", "topk_logprobs", "tail_mass"),
-    "sampled": ("topk_ids", "topk_logprobs", "tail_mass", "sample_ids", "sample_counts"),
-}
+KD_MODES = ("renorm", "tail", "sampled")
 
 
 @dataclass(frozen=True)
-class Layout:
-    work: Path
+class Paths:
+    """Where the report reads and writes (each overridable; defaults from the work directory's layout)."""
 
-    @property
-    def cache(self) -> Path:
-        return self.work / "logits"
+    cache: Path
+    teacher: Path
+    students: Path
+    out: Path
 
-    @property
-    def students(self) -> Path:
-        return self.work / "students"
-
-    @property
-    def teacher(self) -> Path:
-        return self.work / "teacher"
-
-    @property
-    def out(self) -> Path:
-        return self.work / "report"
+    @classmethod
+    def of(cls, layout: Layout) -> Paths:
+        return cls(layout.cache, layout.teacher, layout.students, layout.report)
 
 
 def cached_eval(model_dir: Path, val: Path) -> dict[str, float]:
     """Evaluates a model folder on the val cache once; the result is kept beside the weights, keyed by the
     weights' and the cache's hashes."""
     key = {"weights": sha256_file(model_dir / "model.safetensors"),
-           "val": [s["sha256"] for s in read_manifest(val, "logits")["shards"]]}
+           "val": [s.sha256 for s in read_manifest(val, "logits").shards]}
     path = model_dir / "eval.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -67,18 +60,19 @@ def cache_bytes_per_token(split: Path) -> dict[str, float]:
     """Compressed bytes per cached position of each mode, from the Parquet column-chunk sizes."""
     manifest = read_manifest(split, "logits")
     sizes: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        meta = pq.read_metadata(split / shard["file"])
+    for shard in manifest.shards:
+        meta = pq.read_metadata(split / shard.file)
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             for c in range(group.num_columns):
                 col = group.column(c)
                 top = col.path_in_schema.split(".")[0]
                 sizes[top] = sizes.get(top, 0) + col.total_compressed_size
-    tokens = max(1, manifest["tokens"])
-    out = {mode: sum(sizes.get(c, 0) for c in cols) / tokens for mode, cols in MODE_COLUMNS.items()
-           if all(c in sizes for c in cols)}
-    out["file"] = sum(s["bytes"] for s in manifest["shards"]) / tokens
+    tokens = max(1, manifest.tokens)
+    # input_ids excluded: the tokens are stored anyway; what a mode costs is its target columns.
+    out = {mode: sum(sizes.get(c, 0) for c in MODE_COLUMNS[mode][1:]) / tokens for mode in KD_MODES
+           if all(c in sizes for c in MODE_COLUMNS[mode][1:])}
+    out["file"] = sum(s.bytes for s in manifest.shards) / tokens
     return out
 
 
@@ -98,27 +92,28 @@ def curve(folder: Path) -> list[tuple[int, float]]:
     return [(x["tokens"], x["val_ce"]) for x in lines if "eval" in x and "tokens" in x]
 
 
-def collect(layout: Layout) -> list[dict[str, Any]]:
-    val = layout.cache / "val"
+def collect(paths: Paths) -> list[dict[str, Any]]:
+    val = paths.cache / "val"
     rows: list[dict[str, Any]] = []
-    if (layout.teacher / "config.json").is_file():
-        m = cached_eval(layout.teacher, val)
-        run = read_json(layout.teacher / "run_config.json", "the teacher's settings") if (layout.teacher / "run_config.json").is_file() else {}
-        final = _final_metrics(layout.teacher) if (layout.teacher / "metrics.jsonl").is_file() else {}
-        rows.append(_row("teacher", load_config(layout.teacher).num_parameters(), "teacher", "-",
-                         final.get("tokens"), m, final.get("wall_s"), run.get("student", "")))
-    for folder in sorted(p.parent for p in layout.students.glob("*/config.json")):
+    if (paths.teacher / "config.json").is_file():
+        m = cached_eval(paths.teacher, val)
+        trained_here = (paths.teacher / "run_config.json").is_file()  # the demo teacher; a real one is not
+        spec = read_run_config(paths.teacher).student if trained_here else ""
+        final = _final_metrics(paths.teacher) if (paths.teacher / "metrics.jsonl").is_file() else {}
+        rows.append(_row("teacher", load_config(paths.teacher).num_parameters(), "teacher", "-",
+                         final.get("tokens"), m, final.get("wall_s"), spec))
+    for folder in sorted(p.parent for p in paths.students.glob("*/config.json")):
         params = load_config(folder).num_parameters()
         if (folder / "merge_config.json").is_file():
             merge = read_json(folder / "merge_config.json", "the merge settings")
             rows.append(_row(folder.name, params, "merged", "-", None, cached_eval(folder, val), None,
                              "+".join(Path(p).name for p in merge["inputs"])))
             continue
-        run = read_json(folder / "run_config.json", "the student's settings")
+        run = read_run_config(folder)
         final = _final_metrics(folder)
-        mode = run["loss"]["target"] if run["loss"]["kind"] == "kd" else "-"
-        rows.append(_row(folder.name, params, run["loss"]["kind"], mode, final["tokens"], final, final["wall_s"],
-                         run["student"], seed=run["train"]["seed"], lr=run["optim"]["lr"]))
+        mode = run.loss["target"] if run.loss["kind"] == "kd" else "-"
+        rows.append(_row(folder.name, params, run.loss["kind"], mode, final["tokens"], final, final["wall_s"],
+                         run.student, seed=run.train["seed"], lr=run.optim["lr"]))
     return rows
 
 
@@ -151,12 +146,12 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def markdown(rows: list[dict[str, Any]], cache: dict[str, Any], machine: str) -> str:
+def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[str, float], machine: str) -> str:
     lines = ["# Distillation report", "", f"Machine: {machine}", ""]
-    stats = cache["stats"]
-    lines += [f"Teacher cache: top-{cache['meta']['topk']}, {cache['meta']['samples']} tail draws per position, "
-              f"{cache['tokens']:,} train positions; {stats['bytes_per_token']:.1f} bytes/token on disk, mean tail mass "
-              f"{stats['mean_tail_mass']:.3f}, mean teacher entropy {stats['mean_teacher_entropy']:.3f} nats.", ""]
+    stats = cache.stats
+    lines += [f"Teacher cache: top-{cache.meta.topk}, {cache.meta.samples} tail draws per position, "
+              f"{cache.tokens:,} train positions; {stats.bytes_per_token:.1f} bytes/token on disk, mean tail mass "
+              f"{stats.mean_tail_mass:.3f}, mean teacher entropy {stats.mean_teacher_entropy:.3f} nats.", ""]
     head = ["model", "params", "tokens", "loss", "cache mode", "val CE", "val ppl", "KL to teacher", "top-1 agree",
             "ECE", "wall s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -176,11 +171,11 @@ def markdown(rows: list[dict[str, Any]], cache: dict[str, Any], machine: str) ->
         by_student.setdefault((r["student"], r["seed"], r["training_tokens"]), []).append(r)
     groups = [g for g in by_student.values() if len({r["cache_mode"] for r in g}) > 1]
     if groups:
-        bpt = cache["bytes_per_mode"]
+        bpt = bytes_per_mode
         lines += ["", "## Cache modes (one student, one token budget)", "",
                   "| student | mode | bytes/token | val ppl | KL to teacher | ECE |", "|---|---|---|---|---|---|"]
         for g in groups:
-            for r in sorted(g, key=lambda r: list(MODE_COLUMNS).index(r["cache_mode"])):
+            for r in sorted(g, key=lambda r: KD_MODES.index(r["cache_mode"])):
                 lines.append(f"| {r['student']} | {r['cache_mode']} | {_fmt(bpt.get(r['cache_mode']), 1)} | "
                              f"{r['val_ppl']:.2f} | {_fmt(r['kl_to_teacher'])} | {r['ece']:.4f} |")
         lines += ["", "bytes/token counts the compressed target columns only (input_ids excluded: the tokens are "
@@ -195,7 +190,7 @@ def markdown(rows: list[dict[str, Any]], cache: dict[str, Any], machine: str) ->
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], layout: Layout, path: Path) -> None:
+def plot(rows: list[dict[str, Any]], paths: Paths, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +199,7 @@ def plot(rows: list[dict[str, Any]], layout: Layout, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for kd, ce in pairs(rows):
         for r, style in ((kd, "-"), (ce, "--")):
-            points = curve(layout.students / r["name"])
+            points = curve(paths.students / r["name"])
             if points:
                 ax.plot(*zip(*points), style, marker="o", label=f"{r['name']} ({r['loss_mode']})")
     teacher = next((r for r in rows if r["loss_mode"] == "teacher"), None)
@@ -220,18 +215,18 @@ def plot(rows: list[dict[str, Any]], layout: Layout, path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(work: Path, machine: str = "") -> dict[str, Any]:
-    layout = Layout(work)
-    cache = read_manifest(layout.cache / "train", "logits")
-    cache["bytes_per_mode"] = cache_bytes_per_token(layout.cache / "train")
-    rows = collect(layout)
+def build_report(paths: Paths, machine: str = "") -> dict[str, Any]:
+    cache = read_manifest(paths.cache / "train", "logits")
+    bytes_per_mode = cache_bytes_per_token(paths.cache / "train")
+    rows = collect(paths)
     if not rows:
-        raise PipelineError(f"{work}: no teacher or students to report on; run `make teacher` / `make train-student`")
-    layout.out.mkdir(parents=True, exist_ok=True)
-    (layout.out / "report.md").write_text(markdown(rows, cache, machine or _machine()))
-    write_json(layout.out / "summary.json", {"models": rows, "cache": {"bytes_per_mode": cache["bytes_per_mode"],
-                                                                        **cache["stats"]}})
-    plot(rows, layout, layout.out / "val_loss.png")
+        raise PipelineError(f"{paths.students}: no teacher or students to report on; run `make teacher` / "
+                            "`make train-student`")
+    paths.out.mkdir(parents=True, exist_ok=True)
+    (paths.out / "report.md").write_text(markdown(rows, cache, bytes_per_mode, machine or _machine()))
+    write_json(paths.out / "summary.json", {"models": rows, "cache": {"bytes_per_mode": bytes_per_mode,
+                                                                        **to_json(cache.stats)}})
+    plot(rows, paths, paths.out / "val_loss.png")
     return {"models": rows}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fsutil import sha256_file, tmp_name
+from pipeline.fsutil import tmp_name
 
 ROW_GROUP_BYTES = 64 << 20  # 64 MB row groups stream well and bound the reader's memory
 
@@ -109,8 +109,3 @@ class ShardWriter:
                 finally:
                     self.tmp.unlink(missing_ok=True)
 
-
-def shard_record(path: Path, rows: int, tokens_per_row: int) -> dict[str, Any]:
-    """A manifest entry for a complete shard."""
-    return {"file": path.name, "rows": rows, "tokens": rows * tokens_per_row, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path)}

@@ -10,31 +10,29 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
-from pipeline.progress import progress
 
 from pipeline.corpus import CorpusSpec, is_val, iter_documents
 from pipeline.errors import PipelineError
 from pipeline.fsutil import clean_stale_tmp
-from pipeline.shards import ShardWriter, rows_per_group, shard_record
+from pipeline.layout import SPLITS
+from pipeline.progress import progress
+from pipeline.settings import setting
+from pipeline.shards import ShardWriter, rows_per_group
 from pipeline.tokenizer import BOS, EOS, Tokenizer
 from schemas.common import with_meta
-from schemas.manifest import MANIFEST, read_manifest, write_manifest
-from schemas.tokens import TOKENS_VERSION, token_schema
-
-SPLITS = ("train", "val")
+from schemas.manifest import MANIFEST, Manifest, ShardRecord, TokensStats, read_manifest, shard_record, write_manifest
+from schemas.tokens import TokensMeta, encode, token_schema
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    shard_windows: int = 4096
-    vocab_size: int = 4096  # only when training a tokenizer
-    max_tokens: int = 0  # stop after this many train tokens (0: the whole corpus)
+    seq_len: int = setting(128, "positions per window (a window holds SEQ_LEN+1 tokens)")
+    val_fraction: float = setting(0.03, "share of documents (by a hash of their id) in the validation split")
+    shard_windows: int = setting(1024, "windows per token shard")
+    vocab_size: int = setting(4096, "pieces of a tokenizer trained here (unused with --tokenizer)", flag="vocab")
+    corpus_tokens: int = setting(0, "stop after this many train tokens (0: the whole corpus)")
 
 
 def train_tokenizer(spec: CorpusSpec, cfg: TokenizeConfig) -> Tokenizer:
@@ -46,11 +44,11 @@ def train_tokenizer(spec: CorpusSpec, cfg: TokenizeConfig) -> Tokenizer:
 class _SplitWriter:
     """Writes one split's windows into numbered shards."""
 
-    def __init__(self, folder: Path, split: str, meta: dict[str, Any], cfg: TokenizeConfig) -> None:
+    def __init__(self, folder: Path, split: str, meta: TokensMeta, cfg: TokenizeConfig) -> None:
         self.folder, self.split, self.meta, self.cfg = folder, split, meta, cfg
         self.schema = token_schema(cfg.seq_len)
         self.rows: list[np.ndarray] = []
-        self.records: list[dict[str, Any]] = []
+        self.records: list[ShardRecord] = []
         self.window = 0
         self.max_id = -1
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,21 +69,17 @@ class _SplitWriter:
             return
         ids = np.stack(self.rows)
         n, width = ids.shape
-        table = pa.table({
-            "window": pa.array(np.arange(self.window, self.window + n, dtype=np.int64)),
-            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), width),
-        }, schema=self.schema.with_metadata({}))
+        table = encode(np.arange(self.window, self.window + n), ids, self.schema)
         path = self.folder / f"{self.split}-{len(self.records):05d}.parquet"
         with ShardWriter(path, with_meta(self.schema, self.meta), rows_per_group(width * 4)) as w:
             w.write(table)
-        record = shard_record(path, n, self.cfg.seq_len)
-        record["max_id"] = int(ids.max())
+        record = shard_record(path, n, self.cfg.seq_len, max_id=int(ids.max()))
         self.records.append(record)
-        self.max_id = max(self.max_id, record["max_id"])
+        self.max_id = max(self.max_id, int(ids.max()))
         self.window += n
         self.rows = []
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> Manifest:
         self.flush()
         if not self.records:
             raise PipelineError(
@@ -93,25 +87,23 @@ class _SplitWriter:
                 "use a larger corpus, a smaller SEQ_LEN or another --val-fraction"
             )
         # Shards from an earlier, larger run would look like part of this one: remove them.
-        keep = {r["file"] for r in self.records}
+        keep = {r.file for r in self.records}
         for old in self.folder.glob(f"{self.split}-*.parquet"):
             if old.name not in keep:
                 old.unlink()
-        return write_manifest(self.folder, "tokens", self.meta, self.records, {"max_id": self.max_id})
+        return write_manifest(self.folder, self.meta, self.records, TokensStats(max_id=self.max_id))
 
 
-def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: TokenizeConfig) -> dict[str, Any]:
+def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: TokenizeConfig) -> dict[str, Manifest]:
     """Tokenizes the corpus into `out/{train,val}/`; returns the two manifests."""
-    base = {
-        "kind": "tokens", "schema_version": TOKENS_VERSION, "seq_len": cfg.seq_len,
-        "vocab_size": tokenizer.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint,
-        "corpus": spec.describe(), "val_fraction": cfg.val_fraction, "max_tokens": cfg.max_tokens,
-        "shard_windows": cfg.shard_windows,
-    }
-    if _already_built(out, base):
+    metas = {s: TokensMeta(seq_len=cfg.seq_len, vocab_size=tokenizer.vocab_size,
+                           tokenizer_fingerprint=tokenizer.fingerprint, corpus=spec.describe(), split=s,
+                           val_fraction=cfg.val_fraction, corpus_tokens=cfg.corpus_tokens,
+                           shard_windows=cfg.shard_windows) for s in SPLITS}
+    if _already_built(out, metas):
         print(f"{out}: token shards with these settings are complete; nothing to do")
         return {s: read_manifest(out / s, "tokens") for s in SPLITS}
-    writers = {s: _SplitWriter(out / s, s, {**base, "split": s}, cfg) for s in SPLITS}
+    writers = {s: _SplitWriter(out / s, s, metas[s], cfg) for s in SPLITS}
     tokenizer.save(out / "tokenizer.model")  # every data folder carries the tokenizer it was made with
     docs = tokens = 0
     start = time.perf_counter()
@@ -119,7 +111,7 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
     streams = {s: WindowStream(cfg.seq_len) for s in SPLITS}
     for doc_id, text in iter_documents(spec):
         split = "val" if is_val(doc_id, cfg.val_fraction) else "train"
-        if cfg.max_tokens and _budget_left(writers, cfg) == {"val"} - {split}:
+        if cfg.corpus_tokens and _budget_left(writers, cfg) == {"val"} - {split}:
             continue  # train budget met; keep reading only until val has its share
         ids = tokenizer.encode(text)
         for w in streams[split].push(ids):
@@ -128,7 +120,7 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
         tokens += len(ids) + 2
         bar.update(1)
         bar.set_postfix(tokens=tokens, tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-        if cfg.max_tokens and not _budget_left(writers, cfg):
+        if cfg.corpus_tokens and not _budget_left(writers, cfg):
             break
     bar.close()
     if docs == 0:
@@ -136,16 +128,17 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
     return {s: writers[s].finish() for s in SPLITS}
 
 
-def _already_built(out: Path, meta: dict[str, Any]) -> bool:
+def _already_built(out: Path, metas: dict[str, TokensMeta]) -> bool:
     try:
-        return all({k: read_manifest(out / s, "tokens")["meta"].get(k) for k in meta} == meta for s in SPLITS)
+        return all(read_manifest(out / s, "tokens").meta == metas[s] for s in SPLITS)
     except PipelineError:
         return False
 
 
 def _budget_left(writers: dict[str, _SplitWriter], cfg: TokenizeConfig) -> set[str]:
     """Splits still short of their token budget under --max-tokens (val gets its fraction's share)."""
-    budget = {"train": cfg.max_tokens, "val": cfg.max_tokens * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)}
+    budget = {"train": cfg.corpus_tokens,
+              "val": cfg.corpus_tokens * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)}
     return {s for s in SPLITS if writers[s].total * cfg.seq_len < budget[s]}
 
 

@@ -12,31 +12,19 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline.model import Gemma2
+from pipeline.settings import setting
+from schemas.logits import Targets
 
 
 @dataclass(frozen=True)
 class TopKConfig:
-    topk: int = 64
-    samples: int = 0
-    chunk_tokens: int = 2048  # positions per head/softmax chunk: bounds memory at chunk × vocab floats
-    seed: int = 0
-
-
-@dataclass
-class Targets:
-    """Numpy arrays for a batch of B windows of T positions."""
-
-    topk_ids: np.ndarray  # [B, T, K] int32
-    topk_logprobs: np.ndarray  # [B, T, K] float16
-    tail_mass: np.ndarray  # [B, T] float32
-    entropy: np.ndarray  # [B, T] float32, for cache statistics
-    sample_ids: np.ndarray | None = None  # [R] int32 values; per-position lists via sample_offsets
-    sample_counts: np.ndarray | None = None  # [R] uint16
-    sample_offsets: np.ndarray | None = None  # [B*T + 1] int32
+    topk: int = setting(64, "the teacher's K most likely next tokens kept per position")
+    samples: int = setting(0, "draws per position from the distribution outside the top K (0: none)")
+    head_chunk: int = setting(2048, "positions per head/softmax chunk: bounds memory at chunk × vocab floats")
+    sample_seed: int = setting(0, "seed of the tail draws")
 
 
 def window_uniforms(window: int, positions: int, samples: int, seed: int) -> torch.Tensor:
@@ -50,12 +38,12 @@ def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], 
     """input_ids [B, T+1] (window rows); targets for the T positions that have a label."""
     b, t = input_ids.shape[0], input_ids.shape[1] - 1
     hidden = model.hidden_states(input_ids[:, :t]).reshape(b * t, -1)
-    uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.seed) for w in windows])
+    uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.sample_seed) for w in windows])
                 if cfg.samples else None)
     ids, lps, tails, ents, draws = [], [], [], [], []
-    for start in range(0, b * t, cfg.chunk_tokens):
-        h = hidden[start : start + cfg.chunk_tokens]
-        logp = torch.log_softmax(model.logits(h).float(), dim=-1)
+    for start in range(0, b * t, cfg.head_chunk):
+        h = hidden[start : start + cfg.head_chunk]
+        logp = torch.log_softmax(model.logits(h), dim=-1)
         top_lp, top_i = logp.topk(cfg.topk, dim=-1)
         probs = logp.exp()
         ents.append(-(probs * logp).sum(-1))
@@ -107,23 +95,3 @@ def unique_counts(draws: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.n
     np.cumsum(np.bincount(row_of, minlength=p), out=offsets[1:])
     return values, counts, offsets
 
-
-def targets_table(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """Arrow table in the logits schema for one batch."""
-    b, t, k = targets.topk_ids.shape
-
-    def nested(values: np.ndarray, inner: int) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), inner), t)
-
-    columns = {
-        "window": pa.array(windows.astype(np.int64)),
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1).astype(np.int32)), t + 1),
-        "topk_ids": nested(targets.topk_ids, k),
-        "topk_logprobs": nested(targets.topk_logprobs, k),
-        "tail_mass": pa.FixedSizeListArray.from_arrays(pa.array(targets.tail_mass.reshape(-1)), t),
-    }
-    if targets.sample_offsets is not None:
-        offsets = pa.array(targets.sample_offsets)
-        for name, values in (("sample_ids", targets.sample_ids), ("sample_counts", targets.sample_counts)):
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.ListArray.from_arrays(offsets, pa.array(values)), t)
-    return pa.table(columns, schema=schema)

@@ -5,23 +5,80 @@ Per row (one window): `window`, `input_ids` [T+1]; per position t < T (predictin
 after the final soft-cap, `tail_mass` [T] float32 exact probability outside the top K (from the full float32
 distribution); with samples, `sample_ids` / `sample_counts` [T][<=N]: N draws with replacement from the
 distribution restricted to the ids outside the top K, as unique ids (ascending) and their counts.
+
+This module is the one place that knows the columns: the writer encodes `Targets` with `encode`, the reader
+decodes with `decode`, the trainer converts with `to_torch`, and each loss mode reads `MODE_COLUMNS[mode]`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import torch
 
-from pipeline.errors import PipelineError
-from schemas.common import check_schema, read_file_meta, require
+from schemas.common import check_kind, check_schema, fixed_lists, from_json, read_file_meta
 
 LOGITS_VERSION = 1
-LOGITS_META_KEYS = (
-    "kind", "schema_version", "seq_len", "vocab_size", "topk", "samples", "tokenizer_fingerprint",
-    "teacher_fingerprint", "source_shard", "source_sha256", "split", "sample_seed",
-)
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
+TAIL_COLUMNS = ("tail_mass",)
+SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
+# The columns each use of the cache reads (`input_ids` always: the student's inputs and the CE labels).
+MODE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "ce": ("input_ids",),
+    "renorm": ("input_ids", *TOPK_COLUMNS),
+    "tail": ("input_ids", *TOPK_COLUMNS, *TAIL_COLUMNS),
+    "sampled": ("input_ids", *TOPK_COLUMNS, *TAIL_COLUMNS, *SAMPLE_COLUMNS),
+}
+EVAL_COLUMNS = MODE_COLUMNS["tail"]  # the evaluation's KL and agreement use the top-K and the tail bucket
+# Tensor dtypes in stage two: ids index embeddings (int64); every weight is float32 (float16 on disk).
+TORCH_DTYPES = {"input_ids": torch.long, "topk_ids": torch.long, "sample_ids": torch.long,
+                "topk_logprobs": torch.float32, "tail_mass": torch.float32, "sample_counts": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitsMeta:
+    """The settings every shard of a cache shares (a split manifest's `meta`)."""
+
+    kind: str = "logits"
+    schema_version: int = LOGITS_VERSION
+    seq_len: int
+    vocab_size: int
+    topk: int
+    samples: int
+    sample_seed: int
+    tokenizer_fingerprint: str
+    teacher_fingerprint: str
+    split: str
+    corpus: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitsShardMeta(LogitsMeta):
+    """One shard's metadata: the shared settings plus the token shard it was made from."""
+
+    source_shard: str
+    source_sha256: str
+
+    def shared(self) -> LogitsMeta:
+        fields = {f.name for f in dataclasses.fields(LogitsMeta)}
+        return LogitsMeta(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+@dataclass
+class Targets:
+    """The cache's in-memory form for B windows of T positions (numpy, the dtypes on disk)."""
+
+    topk_ids: np.ndarray  # [B, T, K] int32
+    topk_logprobs: np.ndarray  # [B, T, K] float16
+    tail_mass: np.ndarray  # [B, T] float32
+    entropy: np.ndarray  # [B, T] float32, for cache statistics (not stored)
+    sample_ids: np.ndarray | None = None  # [R] int32 values; per-position lists via sample_offsets
+    sample_counts: np.ndarray | None = None  # [R] uint16
+    sample_offsets: np.ndarray | None = None  # [B*T + 1] int32
 
 
 def logits_schema(seq_len: int, topk: int, samples: int) -> pa.Schema:
@@ -40,10 +97,56 @@ def logits_schema(seq_len: int, topk: int, samples: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def validate_logits_shard(path: str | Path) -> dict[str, Any]:
-    schema, meta = read_file_meta(path)
-    require(meta, LOGITS_META_KEYS, path)
-    if meta["kind"] != "logits" or meta["schema_version"] != LOGITS_VERSION:
-        raise PipelineError(f"{path}: a {meta['kind']} shard v{meta['schema_version']}, expected logits v{LOGITS_VERSION}")
-    check_schema(path, schema, logits_schema(meta["seq_len"], meta["topk"], meta["samples"]))
+def encode(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Arrow table in the logits schema for one batch of windows."""
+    b, t, k = targets.topk_ids.shape
+    columns = {
+        "window": pa.array(windows.astype(np.int64)),
+        "input_ids": fixed_lists(input_ids.astype(np.int32), t + 1),
+        "topk_ids": fixed_lists(targets.topk_ids, t, k),
+        "topk_logprobs": fixed_lists(targets.topk_logprobs, t, k),
+        "tail_mass": fixed_lists(targets.tail_mass, t),
+    }
+    if targets.sample_offsets is not None:
+        offsets = pa.array(targets.sample_offsets)
+        for name, values in (("sample_ids", targets.sample_ids), ("sample_counts", targets.sample_counts)):
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.ListArray.from_arrays(offsets, pa.array(values)), t)
+    return pa.table(columns, schema=schema.remove_metadata())
+
+
+def decode(table: pa.Table, columns: tuple[str, ...], samples: int = 0) -> dict[str, np.ndarray]:
+    """Columns → dense numpy arrays ([rows, T(, K)] in their stored dtypes); the variable-length tail draws
+    are padded with zeros (id 0, count 0) to at least `samples` entries."""
+    return {name: _dense(table.column(name), max(1, samples)) for name in columns}
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(a).to(device=device, dtype=TORCH_DTYPES[name]) for name, a in batch.items()}
+
+
+def validate_logits_shard(path: str | Path) -> LogitsShardMeta:
+    schema, raw = read_file_meta(path)
+    check_kind(path, raw, "logits", (LOGITS_VERSION,))
+    meta = from_json(LogitsShardMeta, raw, path)
+    check_schema(path, schema, logits_schema(meta.seq_len, meta.topk, meta.samples))
     return meta
+
+
+def _dense(column: pa.ChunkedArray, pad_to: int) -> np.ndarray:
+    arr = column.combine_chunks()
+    shape = [len(arr)]
+    while pa.types.is_fixed_size_list(arr.type):
+        shape.append(arr.type.list_size)
+        arr = arr.flatten()
+    if pa.types.is_list(arr.type):
+        offsets = arr.offsets.to_numpy()
+        offsets = offsets - offsets[0]  # a sliced array's offsets do not start at 0
+        values = arr.flatten().to_numpy()
+        lengths = np.diff(offsets)
+        width = max(pad_to, int(lengths.max()) if len(lengths) else 1)
+        out = np.zeros((len(lengths), width), dtype=values.dtype)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        col = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+        out[row, col] = values
+        return out.reshape(*shape, width)
+    return arr.to_numpy(zero_copy_only=False).reshape(shape)

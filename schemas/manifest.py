@@ -4,44 +4,101 @@ means the split is complete; readers trust only the shards it lists."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json, sha256_file, write_json
+from schemas.common import from_json, to_json
+from schemas.logits import LogitsMeta
+from schemas.tokens import TokensMeta
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
-SHARD_KEYS = ("file", "rows", "tokens", "bytes", "sha256")
+HINTS = {"tokens": "run `make tokens` first", "logits": "run `make teacher-logits` first"}
 
 
-def write_manifest(folder: str | Path, kind: str, meta: dict[str, Any], shards: list[dict[str, Any]],
-                   stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    manifest = {
-        "kind": kind, "manifest_version": MANIFEST_VERSION, "meta": meta,
-        "shards": sorted(shards, key=lambda s: s["file"]),
-        "rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-        "stats": stats or {},
-    }
-    write_json(Path(folder) / MANIFEST, manifest)
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord:
+    file: str
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+    max_id: int | None = None  # token shards: the largest id, checked against a teacher's vocabulary
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokensStats:
+    max_id: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitsStats:
+    bytes_per_token: float
+    mean_tail_mass: float
+    mean_teacher_entropy: float
+    capture_config: dict[str, Any] = field(default_factory=dict)
+
+
+META_TYPES = {"tokens": (TokensMeta, TokensStats), "logits": (LogitsMeta, LogitsStats)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    kind: str
+    manifest_version: int = MANIFEST_VERSION
+    meta: TokensMeta | LogitsMeta
+    shards: tuple[ShardRecord, ...]
+    rows: int
+    tokens: int
+    stats: TokensStats | LogitsStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "manifest_version": self.manifest_version, "meta": to_json(self.meta),
+                "shards": [to_json(s) for s in self.shards], "rows": self.rows, "tokens": self.tokens,
+                "stats": to_json(self.stats)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], where: Path) -> Manifest:
+        meta_type, stats_type = META_TYPES[raw["kind"]]
+        return cls(kind=raw["kind"], manifest_version=raw["manifest_version"],
+                   meta=from_json(meta_type, raw["meta"], f"{where} (meta)"),
+                   shards=tuple(from_json(ShardRecord, s, f"{where} (shards)") for s in raw["shards"]),
+                   rows=raw["rows"], tokens=raw["tokens"], stats=from_json(stats_type, raw["stats"], f"{where} (stats)"))
+
+
+def write_manifest(folder: str | Path, meta: TokensMeta | LogitsMeta, shards: list[ShardRecord],
+                   stats: TokensStats | LogitsStats) -> Manifest:
+    manifest = Manifest(kind=meta.kind, meta=meta, shards=tuple(sorted(shards, key=lambda s: s.file)),
+                        rows=sum(s.rows for s in shards), tokens=sum(s.tokens for s in shards), stats=stats)
+    write_json(Path(folder) / MANIFEST, manifest.to_json())
     return manifest
 
 
-def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: bool = False) -> dict[str, Any]:
+def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: bool = False) -> Manifest:
     """A split's manifest, checked: its kind (one of `kind`), version, and every listed shard's presence and
     size (and sha256 with verify_sha)."""
     folder = Path(folder)
     kinds = (kind,) if isinstance(kind, str) else kind
-    hints = {"tokens": "run `make tokens` first", "logits": "run `make teacher-logits` first"}
-    hint = " or ".join(hints.get(k, k) for k in kinds)
-    manifest = read_json(folder / MANIFEST, f"the {'/'.join(kinds)} split is incomplete or missing; {hint}")
-    if manifest.get("kind") not in kinds or manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise PipelineError(f"{folder / MANIFEST}: a {manifest.get('kind')} manifest, expected "
-                            f"{'/'.join(kinds)} v{MANIFEST_VERSION}")
-    for shard in manifest["shards"]:
-        path = folder / shard["file"]
+    hint = " or ".join(HINTS.get(k, k) for k in kinds)
+    raw = read_json(folder / MANIFEST, f"the {'/'.join(kinds)} split is incomplete or missing; {hint}")
+    if not isinstance(raw, dict) or raw.get("kind") not in kinds or raw.get("manifest_version") != MANIFEST_VERSION:
+        found = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
+        raise PipelineError(f"{folder / MANIFEST}: a {found} manifest, expected {'/'.join(kinds)} v{MANIFEST_VERSION}")
+    manifest = Manifest.from_json(raw, folder / MANIFEST)
+    for shard in manifest.shards:
+        path = folder / shard.file
         if not path.is_file():
             raise PipelineError(f"{path}: listed in the manifest but missing; rerun the stage that writes {folder}")
-        if path.stat().st_size != shard["bytes"] or (verify_sha and sha256_file(path) != shard["sha256"]):
-            raise PipelineError(f"{path}: size or sha256 differs from {folder / MANIFEST}; the shard is corrupted, delete it and rerun")
+        if path.stat().st_size != shard.bytes or (verify_sha and sha256_file(path) != shard.sha256):
+            raise PipelineError(f"{path}: size or sha256 differs from {folder / MANIFEST}; the shard is corrupted, "
+                                "delete it and rerun")
     return manifest
+
+
+def shard_record(path: Path, rows: int, tokens_per_row: int, **extra: Any) -> ShardRecord:
+    """A manifest entry for a complete shard."""
+    return ShardRecord(file=path.name, rows=rows, tokens=rows * tokens_per_row, bytes=path.stat().st_size,
+                       sha256=sha256_file(path), **extra)

@@ -6,16 +6,32 @@ window predicts token t+1 of the same row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import PipelineError
-from schemas.common import check_schema, read_file_meta, require
+from schemas.common import check_kind, check_schema, fixed_lists, from_json, read_file_meta
 
 TOKENS_VERSION = 1
-TOKEN_META_KEYS = ("kind", "schema_version", "seq_len", "vocab_size", "tokenizer_fingerprint", "corpus", "split")
+TOKEN_COLUMNS = ("window", "input_ids")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokensMeta:
+    """Every token shard's metadata (and its split manifest's `meta`)."""
+
+    kind: str = "tokens"
+    schema_version: int = TOKENS_VERSION
+    seq_len: int
+    vocab_size: int
+    tokenizer_fingerprint: str
+    corpus: str
+    split: str
+    val_fraction: float | None = None
+    corpus_tokens: int | None = None
+    shard_windows: int | None = None
 
 
 def token_schema(seq_len: int) -> pa.Schema:
@@ -25,10 +41,16 @@ def token_schema(seq_len: int) -> pa.Schema:
     ])
 
 
-def validate_token_shard(path: str | Path) -> dict[str, Any]:
-    schema, meta = read_file_meta(path)
-    require(meta, TOKEN_META_KEYS, path)
-    if meta["kind"] != "tokens" or meta["schema_version"] != TOKENS_VERSION:
-        raise PipelineError(f"{path}: a {meta['kind']} shard v{meta['schema_version']}, expected tokens v{TOKENS_VERSION}")
-    check_schema(path, schema, token_schema(meta["seq_len"]))
+def encode(windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """[n] window indices and [n, SEQ_LEN+1] ids → a table in the token schema."""
+    return pa.table({"window": pa.array(windows.astype(np.int64)),
+                     "input_ids": fixed_lists(input_ids.astype(np.int32), input_ids.shape[1])},
+                    schema=schema.remove_metadata())
+
+
+def validate_token_shard(path: str | Path) -> TokensMeta:
+    schema, raw = read_file_meta(path)
+    check_kind(path, raw, "tokens", (TOKENS_VERSION,))
+    meta = from_json(TokensMeta, raw, path)
+    check_schema(path, schema, token_schema(meta.seq_len))
     return meta

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import Tokenizer
 from schemas.common import read_file_meta
-from stages._cli import run
+from stages._cli import layout, parse, run, stage_parser
 
 
 def decoding_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
@@ -24,15 +24,21 @@ def decoding_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__)
-    p.add_argument("file", type=Path, help="a token or logit shard (.parquet)")
-    p.add_argument("--row", type=int, default=0)
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser("inspect", __doc__)
+    p.add_argument("file", type=Path, nargs="?", help="a token or logit shard (default: the cache's first val shard)")
+    p.add_argument("--row", type=int, default=0, help="row (window) of the shard")
     p.add_argument("--pos", type=int, default=None, help="position in the window (default: the middle)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model for decoding (found next to the cache if omitted)")
     p.add_argument("--context", type=int, default=12, help="tokens of context to show")
     p.add_argument("--show", type=int, default=10, help="how many of the top-K to list")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(parser(), argv)
+    if args.file is None:
+        args.file = layout(args).cache / "val" / "val-00000.parquet"
     schema, meta = read_file_meta(args.file)
     parquet = pq.ParquetFile(args.file)
     print(f"file: {args.file}  rows: {parquet.metadata.num_rows}  row groups: {parquet.num_row_groups}")

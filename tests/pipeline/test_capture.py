@@ -19,7 +19,7 @@ from schemas.logits import validate_logits_shard
 from schemas.manifest import read_manifest
 from tests.conftest import CORPUS_TEXTS
 
-CFG = CaptureConfig(TopKConfig(topk=8, samples=6, chunk_tokens=24), batch_size=3)
+CFG = CaptureConfig(TopKConfig(topk=8, samples=6, head_chunk=24), batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def cache(work, tmp_path_factory):
 def test_cache_columns_mean_what_the_contract_says(work, cache):
     teacher = load_model(work / "teacher")
     manifest = read_manifest(cache / "train", "logits", verify_sha=True)
-    shard = manifest["shards"][1]
-    meta = validate_logits_shard(cache / "train" / shard["file"])
-    assert (meta["topk"], meta["samples"], meta["seq_len"]) == (8, 6, 16)
-    assert meta["source_shard"] == shard["file"]
-    table = pq.read_table(cache / "train" / shard["file"])
+    shard = manifest.shards[1]
+    meta = validate_logits_shard(cache / "train" / shard.file)
+    assert (meta.topk, meta.samples, meta.seq_len) == (8, 6, 16)
+    assert meta.source_shard == shard.file
+    table = pq.read_table(cache / "train" / shard.file)
     ids = torch.tensor(table.column("input_ids").to_pylist())
     with torch.no_grad():
         logp = torch.log_softmax(teacher(ids[:, :16]).float(), -1)
@@ -52,9 +52,9 @@ def test_cache_columns_mean_what_the_contract_says(work, cache):
         for t in range(16):
             assert sum(counts[w][t]) == 6
             assert not set(samples[w][t]) & set(ref_ids[w, t].tolist())
-    stats = manifest["stats"]
-    assert 0 < stats["mean_tail_mass"] < 1 and stats["mean_teacher_entropy"] > 0
-    assert stats["bytes_per_token"] == pytest.approx(sum(s["bytes"] for s in manifest["shards"]) / manifest["tokens"])
+    stats = manifest.stats
+    assert 0 < stats.mean_tail_mass < 1 and stats.mean_teacher_entropy > 0
+    assert stats.bytes_per_token == pytest.approx(sum(s.bytes for s in manifest.shards) / manifest.tokens)
     assert (cache / "tokenizer.model").read_bytes() == (work / "teacher" / "tokenizer.model").read_bytes()
 
 
@@ -77,7 +77,7 @@ def test_changed_settings_redo_shards(work, cache, tmp_path):
     out = tmp_path / "logits"
     shutil.copytree(cache, out)
     capture(work / "teacher", work / "tokens", out, CaptureConfig(TopKConfig(topk=4), batch_size=5))
-    assert read_manifest(out / "train", "logits")["meta"]["topk"] == 4
+    assert read_manifest(out / "train", "logits").meta.topk == 4
 
 
 def test_batch_size_does_not_change_the_cache(work, cache, tmp_path):

@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Gemma2ForCausalLM
 
 from pipeline.checkpoint import load_model, model_fingerprint, save_model
 from pipeline.errors import PipelineError
 from tests.conftest import tiny_config
 from tests.pipeline.test_model import hf_twin, scaled_random_model
-
-from transformers import Gemma2ForCausalLM
 
 
 @pytest.fixture

@@ -71,32 +71,32 @@ def compare(cfg: LossConfig, targets=None, **naive_kw):
 
 @pytest.mark.parametrize("chunk", [4, 1024])
 def test_tail_bucket(chunk):
-    compare(LossConfig(chunk_tokens=chunk))
+    compare(LossConfig(loss_chunk=chunk))
 
 
 def test_renormalised():
-    compare(LossConfig(target="renorm", chunk_tokens=5), target="renorm")
+    compare(LossConfig(target="renorm", loss_chunk=5), target="renorm")
 
 
 def test_ce():
-    compare(LossConfig(kind="ce", chunk_tokens=6), kind="ce")
+    compare(LossConfig(kind="ce", loss_chunk=6), kind="ce")
 
 
 def test_temperature_and_alpha():
-    compare(LossConfig(temperature=2.0, alpha=0.7, chunk_tokens=9), tau=2.0, alpha=0.7)
+    compare(LossConfig(temperature=2.0, alpha=0.7, loss_chunk=9), tau=2.0, alpha=0.7)
 
 
 def test_sampled_tail():
     _, _, teacher, t = setup()
     g = torch.Generator().manual_seed(5)
     t = dict(t, sample_ids=torch.randint(0, V, (N, 4), generator=g), sample_counts=torch.randint(1, 5, (N, 4), generator=g))
-    compare(LossConfig(target="sampled", chunk_tokens=8), targets=t, target="sampled")
+    compare(LossConfig(target="sampled", loss_chunk=8), targets=t, target="sampled")
 
 
 def test_chunked_equals_unchunked():
     hidden, weight, _, t = setup(1)
-    a = chunked_loss(hidden, weight, CAP, t, LossConfig(chunk_tokens=3))
-    b = chunked_loss(hidden, weight, CAP, t, LossConfig(chunk_tokens=N))
+    a = chunked_loss(hidden, weight, CAP, t, LossConfig(loss_chunk=3))
+    b = chunked_loss(hidden, weight, CAP, t, LossConfig(loss_chunk=N))
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -127,8 +127,8 @@ def test_sampled_tail_is_unbiased():
 def test_no_grad_path_returns_the_same_value():
     hidden, weight, _, t = setup(4)
     with torch.no_grad():
-        a = chunked_loss(hidden, weight, CAP, t, LossConfig(chunk_tokens=5))
-    assert torch.allclose(a, chunked_loss(hidden, weight, CAP, t, LossConfig(chunk_tokens=5)))
+        a = chunked_loss(hidden, weight, CAP, t, LossConfig(loss_chunk=5))
+    assert torch.allclose(a, chunked_loss(hidden, weight, CAP, t, LossConfig(loss_chunk=5)))
 
 
 PEAK_SCRIPT = """
@@ -145,7 +145,7 @@ def status(key):
     return int(line.split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current resident set
 before = status("VmRSS:")
-chunked_loss(hidden, weight, 5.0, t, LossConfig(kind="ce", chunk_tokens=chunk)).backward()
+chunked_loss(hidden, weight, 5.0, t, LossConfig(kind="ce", loss_chunk=chunk)).backward()
 print(status("VmHWM:") - before)
 """
 

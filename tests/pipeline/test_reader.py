@@ -8,8 +8,12 @@ import pytest
 
 from pipeline.capture import CaptureConfig, capture
 from pipeline.errors import PipelineError
-from pipeline.reader import KD_COLUMNS, SAMPLE_COLUMNS, Cursor, ReaderConfig, ShardStream
+from pipeline.reader import Cursor, ReaderConfig, ShardStream
+from pipeline.runtime import Runtime
 from pipeline.topk import TopKConfig
+from schemas.logits import MODE_COLUMNS, SAMPLE_COLUMNS
+
+KD_COLUMNS = MODE_COLUMNS["tail"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_each_epoch_is_a_permutation_of_all_rows(work):
 
 def test_resume_from_cursor_sees_the_same_rows(cache):
     cfg = ReaderConfig(batch_size=5, shuffle_rows=7, seed=1)
-    columns = KD_COLUMNS + SAMPLE_COLUMNS
+    columns = MODE_COLUMNS["sampled"]
     a = ShardStream(cache / "train", columns, cfg)
     for _ in range(9):
         a.next_batch()
@@ -54,7 +58,7 @@ def test_resume_from_cursor_sees_the_same_rows(cache):
 def test_ranks_together_equal_one_process(cache):
     cfg = ReaderConfig(batch_size=3, shuffle_rows=8, seed=2)
     one = ShardStream(cache / "train", ("input_ids",), ReaderConfig(6, 8, 2))
-    ranks = [ShardStream(cache / "train", ("input_ids",), cfg, rank=r, world=2) for r in range(2)]
+    ranks = [ShardStream(cache / "train", ("input_ids",), cfg, Runtime(rank=r, world=2)) for r in range(2)]
     for _ in range(20):
         whole = one.next_batch()["input_ids"]
         parts = np.concatenate([r.next_batch()["input_ids"] for r in ranks])

@@ -32,18 +32,18 @@ def test_split_is_deterministic_by_document():
 def test_shards_manifest_and_metadata(work, tokenizer):
     for split in ("train", "val"):
         manifest = read_manifest(work / "tokens" / split, "tokens", verify_sha=True)
-        assert manifest["meta"]["tokenizer_fingerprint"] == tokenizer.fingerprint
-        assert manifest["meta"]["vocab_size"] == tokenizer.vocab_size
+        assert manifest.meta.tokenizer_fingerprint == tokenizer.fingerprint
+        assert manifest.meta.vocab_size == tokenizer.vocab_size
         windows = []
-        for shard in manifest["shards"]:
-            path = work / "tokens" / split / shard["file"]
-            assert validate_token_shard(path)["seq_len"] == 16
+        for shard in manifest.shards:
+            path = work / "tokens" / split / shard.file
+            assert validate_token_shard(path).seq_len == 16
             table = pq.read_table(path)
             windows += table.column("window").to_pylist()
             ids = np.array(table.column("input_ids").to_pylist())
             assert ids.shape[1] == 17 and ids.max() < tokenizer.vocab_size
-        assert windows == list(range(manifest["rows"]))
-    assert len(read_manifest(work / "tokens" / "train", "tokens")["shards"]) > 1
+        assert windows == list(range(manifest.rows))
+    assert len(read_manifest(work / "tokens" / "train", "tokens").shards) > 1
 
 
 def test_windows_chain_into_the_corpus_stream(work, tokenizer, corpus_dir):

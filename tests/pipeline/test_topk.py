@@ -20,7 +20,7 @@ def peaked_model(vocab: int = 200) -> Gemma2:
 def test_topk_and_tail_match_full_softmax():
     model = peaked_model()
     ids = torch.randint(0, 200, (3, 13), generator=torch.Generator().manual_seed(0))
-    got = teacher_targets(model, ids, [0, 1, 2], TopKConfig(topk=8, chunk_tokens=5))  # chunks cut windows
+    got = teacher_targets(model, ids, [0, 1, 2], TopKConfig(topk=8, head_chunk=5))  # chunks cut windows
     with torch.no_grad():
         logp = torch.log_softmax(model(ids[:, :12]).float(), dim=-1)
     ref_lp, ref_ids = logp.topk(8, dim=-1)
@@ -59,7 +59,7 @@ def test_tail_draws_are_unbiased_and_avoid_the_top_k():
 def test_samples_are_seeded_per_window_not_per_batch():
     model = peaked_model()
     ids = torch.randint(0, 200, (4, 9), generator=torch.Generator().manual_seed(1))
-    cfg = TopKConfig(topk=4, samples=16, chunk_tokens=7)
+    cfg = TopKConfig(topk=4, samples=16, head_chunk=7)
     whole = teacher_targets(model, ids, [10, 11, 12, 13], cfg)
     parts = [teacher_targets(model, ids[i : i + 1], [10 + i], cfg) for i in range(4)]
     assert np.array_equal(whole.sample_ids, np.concatenate([p.sample_ids for p in parts]))

@@ -20,14 +20,14 @@ def test_all_stages_chain(corpus_dir, tmp_path):
     work = tmp_path / "run"
     stage("tokenize", "--work", work, "--corpus", corpus_dir, "--vocab", "400", "--seq-len", "16", "--val-fraction", "0.2",
           "--shard-windows", "40")
-    stage("teacher", "--data", work / "tokens", "--out", work / "teacher", "--preset", "debug", "--max-tokens", 16 * 8 * 40,
+    stage("teacher", "--tokens", work / "tokens", "--teacher", work / "teacher", "--preset", "debug", "--max-tokens", 16 * 8 * 40,
           *TRAIN)
-    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", work / "logits",
+    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", work / "logits",
           "--topk", "8", "--samples", "4")
     for loss in ("kd", "ce"):
-        stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", f"s-{loss}=debug",
+        stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", f"s-{loss}=debug",
               "--loss", loss, "--max-tokens", 16 * 8 * 20, *TRAIN)
-    stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", "s-kd2=debug",
+    stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd2=debug",
           "--init-from", work / "students" / "s-kd", "--seed", "2", "--max-tokens", 16 * 8 * 5, *TRAIN)
     stage("merge", "--inputs", work / "students" / "s-kd", work / "students" / "s-kd2", "--out", work / "students" / "merged")
     report = stage("report", "--work", work).stdout
@@ -50,6 +50,6 @@ def test_all_stages_chain(corpus_dir, tmp_path):
     for name, value in golden.items():
         assert losses[name] == pytest.approx(value, abs=0.02), name
     # Rerunning a finished chain does no work and changes nothing.
-    again = stage("train_student", "--data", work / "logits", "--out", work / "students", "--student", "s-kd=debug",
+    again = stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd=debug",
                   "--loss", "kd", "--max-tokens", 16 * 8 * 20, *TRAIN).stdout
     assert "already complete" in again

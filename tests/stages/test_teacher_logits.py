@@ -20,27 +20,27 @@ ARGS = ("--topk", "8", "--samples", "4", "--batch-size", "1")
 @pytest.fixture(scope="module")
 def reference(work, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "logits"
-    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", out, *ARGS)
+    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", out, *ARGS)
     return out
 
 
 def test_killed_run_resumes_to_identical_files(work, reference, tmp_path):
     out = tmp_path / "logits"
-    proc = popen("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", out, *ARGS)
+    proc = popen("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", out, *ARGS)
     deadline = time.time() + 120
     while not list((out / "train").glob("train-*.parquet")) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(out.rglob("manifest.json")), "the run finished before it was killed; the test proves nothing"
-    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", out, *ARGS)
+    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", out, *ARGS)
     assert same_files(out, reference) == []
     assert not list(out.rglob(".*tmp*"))
 
 
 def test_two_processes_equal_one(work, reference, tmp_path):
     out = tmp_path / "logits"
-    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--out", out, *ARGS,
+    stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", out, *ARGS,
           launcher=torchrun(2))
     assert same_files(out, reference) == []
 
@@ -55,7 +55,7 @@ def test_transformers_saved_teacher_matches_transformers_topk(work, tmp_path):
     hf.save_pretrained(tmp_path / "teacher")
     (tmp_path / "teacher" / "tokenizer.model").write_bytes((work / "teacher" / "tokenizer.model").read_bytes())
     out = tmp_path / "logits"
-    stage("teacher_logits", "--teacher", tmp_path / "teacher", "--tokens", work / "tokens", "--out", out, "--topk", "8")
+    stage("teacher_logits", "--teacher", tmp_path / "teacher", "--tokens", work / "tokens", "--cache", out, "--topk", "8")
     table = pq.read_table(out / "val" / "val-00000.parquet")
     ids = torch.tensor(table.column("input_ids").to_pylist())
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_transformers_saved_teacher_matches_transformers_topk(work, tmp_path):
 
 
 def test_errors_are_one_line_with_nonzero_exit(work, tmp_path):
-    result = stage("teacher_logits", "--teacher", tmp_path / "none", "--tokens", work / "tokens", "--out", tmp_path / "o",
+    result = stage("teacher_logits", "--teacher", tmp_path / "none", "--tokens", work / "tokens", "--cache", tmp_path / "o",
                    check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -1,0 +1,61 @@
+"""`run_config.json` beside every trained model, version 1: the resolved settings it was made with. A resumed
+run must find the same settings (the data is identified by its fingerprints, not by its path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsutil import read_json, write_json
+from schemas.common import from_json, to_json
+
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataRef:
+    """Which cache (or token shards) a model was trained on."""
+
+    kind: str
+    tokenizer_fingerprint: str
+    seq_len: int
+    vocab_size: int
+    train_rows: int
+    teacher_fingerprint: str | None = None  # caches only
+    topk: int | None = None
+    samples: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str
+    student: str
+    model: dict[str, Any]  # the HF config.json of the model
+    data: str  # the path it was reached through (informative; not compared on resume)
+    cache: DataRef
+    loss: dict[str, Any]
+    optim: dict[str, Any]
+    train: dict[str, Any]
+    world_size: int
+    total_steps: int
+    tokens_per_step: int
+    parameters: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**to_json(self), "cache": to_json(self.cache)}
+
+    def changed(self, other: RunConfig) -> list[str]:
+        """Settings that differ from `other`, the data path aside."""
+        mine, theirs = self.to_json(), other.to_json()
+        return sorted(k for k in mine if k != "data" and mine[k] != theirs.get(k))
+
+
+def write_run_config(folder: Path, config: RunConfig) -> None:
+    write_json(folder / RUN_CONFIG, config.to_json())
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    raw = read_json(folder / RUN_CONFIG, "the run's settings are missing; the folder is not a trained model")
+    where = folder / RUN_CONFIG
+    return from_json(RunConfig, {**raw, "cache": from_json(DataRef, raw.get("cache"), where)}, where)
