@@ -30,7 +30,7 @@ from pipeline.shards import ShardWriter, rows_per_group
 from pipeline.tokenizer import Tokenizer
 from pipeline.topk import TopKConfig, teacher_targets
 from schemas.common import with_meta
-from schemas.logits import LogitsShardMeta, encode, logits_schema, validate_logits_shard
+from schemas.logits import LogitsShardMeta, decode, encode, logits_schema, validate_logits_shard
 from schemas.manifest import MANIFEST, LogitsStats, Manifest, ShardRecord, read_manifest, shard_record, write_manifest
 from schemas.tokens import TokensMeta, validate_token_shard
 
@@ -86,7 +86,7 @@ def expected_meta(token_meta: TokensMeta, shard: ShardRecord, teacher_fp: str, v
         seq_len=token_meta.seq_len, vocab_size=vocab, topk=cfg.topk.topk, samples=cfg.topk.samples,
         sample_seed=cfg.topk.sample_seed, tokenizer_fingerprint=token_meta.tokenizer_fingerprint,
         teacher_fingerprint=teacher_fp, source_shard=shard.file, source_sha256=shard.sha256, split=split,
-        corpus=token_meta.corpus,
+        corpus=token_meta.corpus, format=token_meta.format,
     )
 
 
@@ -148,22 +148,26 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: Log
                    device: torch.device, bar: Any) -> None:
     if validate_token_shard(source).seq_len != meta.seq_len:
         raise PipelineError(f"{source}: seq_len differs from its manifest; rerun `make tokens`")
+    chat = meta.format == "chat"
     table = pq.read_table(source)
     seq_len, k = meta.seq_len, meta.topk
-    ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, seq_len + 1)
-    windows = table.column("window").to_numpy()
-    schema = logits_schema(seq_len, k, meta.samples)
+    columns = decode(table, ("window", "input_ids", "continued", "label_mask") + (("loss_mask",) if chat else ()))
+    ids, windows, mask = columns["input_ids"], columns["window"], columns["label_mask"]
+    schema = logits_schema(seq_len, k, meta.samples, chat)
     row_bytes = seq_len * (k * 6 + 4 + meta.samples * 6) + (seq_len + 1) * 4
     sums = {"tail_mass": 0.0, "entropy": 0.0, "positions": 0}
     with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes), background=cfg.background_writes) as writer:
         for start in range(0, len(ids), cfg.batch_size):
-            batch = ids[start : start + cfg.batch_size]
-            wins = windows[start : start + cfg.batch_size]
-            targets = teacher_targets(model, torch.tensor(batch, dtype=torch.long, device=device), wins.tolist(), cfg.topk)
-            writer.write(encode(targets, wins, batch, schema))
+            rows = slice(start, start + cfg.batch_size)
+            batch = ids[rows]
+            targets = teacher_targets(model, torch.tensor(batch, dtype=torch.long, device=device),
+                                      windows[rows].tolist(), cfg.topk, torch.from_numpy(mask[rows]).to(device))
+            writer.write(encode(targets, windows[rows], batch, columns["continued"][rows], schema,
+                                columns["loss_mask"][rows] if chat else None))
+            # Statistics over the positions that train (the others hold zeros).
             sums["tail_mass"] += float(targets.tail_mass.astype(np.float64).sum())
             sums["entropy"] += float(targets.entropy.astype(np.float64).sum())
-            sums["positions"] += targets.tail_mass.size
+            sums["positions"] += int(mask[rows].sum())
             bar.update(batch.shape[0] * seq_len)
         writer.footer[STATS_KEY] = json.dumps(sums, sort_keys=True).encode()
 
@@ -179,9 +183,9 @@ def _write_split_manifest(folder: Path, token_manifest: Manifest, cfg: CaptureCo
             sums[key] += stats[key]
         records.append(shard_record(path, shard.rows, meta.seq_len))
     assert meta is not None
-    positions = max(1, sums["positions"])
+    positions = max(1, sums["positions"])  # trained positions: the means are over them
     stats = LogitsStats(
-        bytes_per_token=sum(r.bytes for r in records) / positions,
+        bytes_per_token=sum(r.bytes for r in records) / max(1, sum(r.tokens for r in records)),
         mean_tail_mass=sums["tail_mass"] / positions,
         mean_teacher_entropy=sums["entropy"] / positions,
         capture_config=dataclasses.asdict(cfg),

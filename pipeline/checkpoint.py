@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,13 +109,14 @@ def save_model(model: Gemma2, path: str | Path, tokenizer: str | Path | None = N
     write_json(path / "config.json", config)
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the config (canonical JSON) and every weight file's bytes: identifies a teacher."""
+def model_fingerprint(path: str | Path, file_hash: Callable[[Path], str] = sha256_file) -> str:
+    """sha256 over the config (canonical JSON) and every weight file's sha256 (from `file_hash`, which may
+    remember earlier results): identifies a teacher."""
     path = Path(path)
     digest = hashlib.sha256()
     raw = read_json(path / "config.json", "a Gemma 2 checkpoint directory needs config.json")
     digest.update(json.dumps(Gemma2Config.from_hf(raw).to_hf(), sort_keys=True).encode())
     for file in weight_files(path):
         digest.update(file.name.encode())
-        digest.update(sha256_file(file).encode())
+        digest.update(file_hash(file).encode())
     return digest.hexdigest()

@@ -19,6 +19,7 @@ from pipeline.model import Gemma2
 from pipeline.reader import ReaderConfig, ShardStream, open_split
 from pipeline.runtime import Runtime
 from schemas.logits import EVAL_COLUMNS, MODE_COLUMNS, to_torch
+from schemas.tokens import document_ids
 
 BINS = 15
 
@@ -86,9 +87,12 @@ def evaluate(model: Gemma2, val: str | Path, batch_size: int = 16, chunk_tokens:
 
 def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums: Sums) -> None:
     ids = batch["input_ids"]
-    t = ids.shape[1] - 1
-    hidden = model.hidden_states(ids[:, :t]).reshape(-1, model.config.hidden_size)
-    labels = ids[:, 1:].reshape(-1)
+    inputs = ids[:, :-1]
+    keep = batch["label_mask"].reshape(-1)  # only the positions that train are evaluated
+    hidden = model.hidden_states(inputs, document_ids(inputs)).reshape(-1, model.config.hidden_size)[keep]
+    labels = ids[:, 1:].reshape(-1)[keep]
+    rows = {name: batch[name].reshape(keep.shape[0], *batch[name].shape[2:])[keep]
+            for name in ("topk_ids", "topk_logprobs", "tail_mass") if name in batch}
     for s in range(0, hidden.shape[0], chunk):
         z = model.logits(hidden[s : s + chunk])
         logq = torch.log_softmax(z, -1)
@@ -102,11 +106,10 @@ def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums:
         sums.bin_count.index_add_(0, bins, torch.ones_like(conf))
         sums.bin_conf.index_add_(0, bins, conf)
         sums.bin_correct.index_add_(0, bins, correct)
-        if "topk_ids" in batch:
-            k = batch["topk_ids"].shape[-1]
-            ids_k = batch["topk_ids"].reshape(-1, k)[s : s + chunk]
-            lp = batch["topk_logprobs"].reshape(-1, k)[s : s + chunk]
-            r = batch["tail_mass"].reshape(-1)[s : s + chunk].clamp(min=0.0)
+        if rows:
+            ids_k = rows["topk_ids"][s : s + chunk]
+            lp = rows["topk_logprobs"][s : s + chunk]
+            r = rows["tail_mass"][s : s + chunk].clamp(min=0.0)
             p = lp.exp()
             kl = (p * (lp - logq.gather(-1, ids_k))).sum(-1)
             if ids_k.shape[-1] < logq.shape[-1]:

@@ -193,10 +193,11 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, targets: dict[str, torch.Tensor],
-                 cfg: LossConfig) -> torch.Tensor:
-    """Mean loss over rows. hidden [N, H] (after the final norm), weight the tied embedding [V, H], targets
-    flattened to rows: labels [N]; for kd topk_ids [N, K], topk_logprobs [N, K], tail_mass [N] and, for
-    `sampled`, sample_ids / sample_counts [N, S]."""
+                 cfg: LossConfig, denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the per-row losses divided by `denominator` (default: the number of rows, i.e. the mean).
+    hidden [N, H] (after the final norm), weight the tied embedding [V, H], targets flattened to rows: labels
+    [N]; for kd topk_ids [N, K], topk_logprobs [N, K], tail_mass [N] and, for `sampled`, sample_ids /
+    sample_counts [N, S]."""
     names = tuple(targets)
     total = _ChunkedLoss.apply(hidden, weight, cap, cfg, names, *(targets[n] for n in names))
-    return total / hidden.shape[0]
+    return total / (hidden.shape[0] if denominator is None else denominator)

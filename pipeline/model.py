@@ -188,19 +188,45 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 # --- Attention masks and the two attention paths --------------------------------------------------
 
 
-def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                      q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
     """Causal, and for sliding layers the W most recent keys including the query itself: a key at
-    distance exactly W is masked (q_pos - W < k_pos <= q_pos)."""
+    distance exactly W is masked (q_pos - W < k_pos <= q_pos). With documents, a query sees only keys of
+    its own document (packed documents never attend to each other)."""
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (q_pos - k_pos < window)
+    if q_doc is not None:
+        allowed = allowed & (q_doc == k_doc)
     return allowed
 
 
-def math_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None, window: int | None
-) -> torch.Tensor:
-    """Explicit attention, the CPU reference. q [B, nh, T, d], k/v [B, nk, T, d]."""
+class AttentionMasks:
+    """The masks of one forward pass, built once per distinct window and shared by the layers: a boolean
+    [B or 1, T, T] tensor for the math path, a flex_attention BlockMask for the flex path. `doc_ids` [B, T]
+    numbers the documents of each row (None: one document per row, plain causal attention)."""
+
+    def __init__(self, impl: str, length: int, doc_ids: torch.Tensor | None, device: torch.device) -> None:
+        self.impl, self.length, self.doc_ids, self.device = impl, length, doc_ids, device
+        self._built: dict[int | None, Any] = {}
+
+    def get(self, window: int | None) -> Any:
+        if window not in self._built:
+            build = _block_mask if self.impl == "flex" else self._dense
+            self._built[window] = build(self.length, window, self.doc_ids, self.device)
+        return self._built[window]
+
+    @staticmethod
+    def _dense(length: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(length, device=device)
+        if doc_ids is None:
+            return attention_allowed(pos[:, None], pos[None, :], window)[None]
+        return attention_allowed(pos[:, None], pos[None, :], window, doc_ids[:, :, None], doc_ids[:, None, :])
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None,
+                   allowed: torch.Tensor) -> torch.Tensor:
+    """Explicit attention, the CPU reference. q [B, nh, T, d], k/v [B, nk, T, d], allowed [B or 1, T, T]."""
     b, nh, t, d = q.shape
     nk = k.shape[1]
     # GQA without copying k/v: the nh/nk query heads of one kv head are adjacent, so fold them into the
@@ -209,9 +235,7 @@ def math_attention(
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
     # Soft-cap *before* the mask: capping a masked -inf score would turn it into -cap and leak probability.
     scores = softcap(scores, cap)
-    pos = torch.arange(t, device=q.device)
-    allowed = attention_allowed(pos[:, None], pos[None, :], window)
-    scores = scores.view(b, nk, nh // nk, t, t).masked_fill(~allowed, float("-inf"))
+    scores = scores.view(b, nk, nh // nk, t, t).masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, nk, (nh // nk) * t, t)
     return torch.matmul(probs, v).view(b, nh, t, d)
 
@@ -229,30 +253,36 @@ def _flex_fn(compiled: bool) -> Any:
     return _FLEX_CACHE["compiled"]
 
 
-def _block_mask(length: int, window: int | None, device: torch.device) -> Any:
+def _block_mask(length: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device) -> Any:
+    """The causal / sliding-window (/ document) structure as a BlockMask, so masked blocks are skipped.
+    Without documents it depends only on (length, window) and is cached."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = ("mask", length, window, str(device))
-    if key not in _FLEX_CACHE:
+    if doc_ids is None:
+        key = ("mask", length, window, str(device))
+        if key not in _FLEX_CACHE:
 
-        def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return attention_allowed(q_idx, kv_idx, window)
+            def causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+                return attention_allowed(q_idx, kv_idx, window)
 
-        _FLEX_CACHE[key] = create_block_mask(mask_mod, None, None, length, length, device=device)
-    return _FLEX_CACHE[key]
+            _FLEX_CACHE[key] = create_block_mask(causal, None, None, length, length, device=device)
+        return _FLEX_CACHE[key]
+
+    def documents(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return attention_allowed(q_idx, kv_idx, window, doc_ids[b, q_idx], doc_ids[b, kv_idx])
+
+    return create_block_mask(documents, doc_ids.shape[0], None, length, length, device=device)
 
 
-def flex_attention_path(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None, window: int | None
-) -> torch.Tensor:
+def flex_attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None,
+                        block_mask: Any) -> torch.Tensor:
     """The CUDA fast path: the soft-cap lives in the score_mod (flex applies it after the scale and before
-    the mask), causal / sliding-window structure in a block mask so masked blocks are skipped."""
+    the mask); the mask structure is in the block mask."""
 
     def score_mod(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
         return score if cap is None else cap * torch.tanh(score / cap)
 
     flex = _flex_fn(compiled=q.is_cuda)
-    block_mask = _block_mask(q.shape[2], window, q.device)
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
@@ -286,15 +316,15 @@ class Attention(nn.Module):
         self.cap = cfg.attn_logit_softcapping
         self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.nh, self.d).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = self.window if self.window is not None and self.window < t else None
-        attend = flex_attention_path if impl == "flex" else math_attention
-        out = attend(q, k, v, self.scale, self.cap, window)
+        attend = flex_attention_path if masks.impl == "flex" else math_attention
+        out = attend(q, k, v, self.scale, self.cap, masks.get(window))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.d))
 
 
@@ -324,8 +354,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, impl))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, masks))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -373,20 +403,22 @@ class Gemma2(nn.Module):
             return "flex" if device.type == "cuda" else "math"
         return self.attn_implementation
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after the last norm, [B, T, H]; the head is left to the caller so the
-        stages can compute it chunk by chunk."""
+        stages can compute it chunk by chunk. `doc_ids` [B, T] (non-decreasing per row) masks attention per
+        document of a packed row; RoPE is relative, so a document inside a row gets the same result as that
+        document alone. None: plain causal attention, exactly transformers' Gemma2ForCausalLM."""
         cfg = self.config
         x = self.model.embed_tokens(input_ids)
         # sqrt(H) is rounded to the activation dtype before the multiply (bf16: 48.0 for the 2B).
         x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype)
         cos, sin = rope_cos_sin(torch.arange(input_ids.shape[1], device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
-        impl = self._impl(x.device)
+        masks = AttentionMasks(self._impl(x.device), input_ids.shape[1], doc_ids, x.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, impl, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, impl)
+                x = layer(x, cos, sin, masks)
         return self.model.norm(x)
 
     @property
@@ -400,5 +432,5 @@ class Gemma2(nn.Module):
         float32 (so a bf16 model's cap loses nothing more to rounding)."""
         return softcap((hidden @ self.head_weight.T).float(), self.config.final_logit_softcapping)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids))
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, doc_ids))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
-from schemas.logits import decode
+from schemas.logits import DERIVED, decode, stored_columns
 from schemas.manifest import Manifest, read_manifest
 
 
@@ -53,11 +53,13 @@ class ShardStream:
         self.folder = Path(folder)
         self.manifest = open_split(self.folder)
         self.meta = self.manifest.meta
-        missing = set(columns) - set(self._schema_names())
+        names = self._schema_names()
+        missing = set(columns) - set(names) - set(DERIVED)
         if missing:
             raise PipelineError(f"{self.folder}: shards have no column(s) {sorted(missing)}; "
                                 f"{'kd needs a teacher logit cache' if 'topk_ids' in missing else 'recreate the cache'}")
         self.columns, self.cfg, self.rank, self.world = columns, cfg, runtime.rank, runtime.world
+        self.stored = stored_columns(columns, names)
         self.cursor = cursor
         self.shuffle = shuffle
         self.rows = [s.rows for s in self.manifest.shards]
@@ -112,7 +114,7 @@ class ShardStream:
                     groups.append(g)
                     first = at if first is None else first
                 at += n
-            table = f.read_row_groups(groups, columns=list(self.columns))
+            table = f.read_row_groups(groups, columns=self.stored)
         except (OSError, pa.ArrowException) as e:
             raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
         return table.slice(lo - (first or 0), hi - lo)

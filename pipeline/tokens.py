@@ -1,7 +1,7 @@
-"""Stage one, first half: documents → `<bos> … <eos>` token stream → windows of SEQ_LEN+1 → token shards.
+"""Stage one, first half: documents → `<bos> doc <eos>` packed into `<bos>`-first windows of SEQ_LEN+1 →
+token shards (the window contract is in schemas/tokens.py).
 
-Consecutive windows overlap by one token so that position t of every window has its label at t+1. The
-split is by document hash; each split streams into its own shards and gets a manifest when complete.
+The split is by document hash; each split streams into its own shards and gets a manifest when complete.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.layout import SPLITS
 from pipeline.progress import progress
 from pipeline.settings import setting
 from pipeline.shards import ShardWriter, rows_per_group
-from pipeline.tokenizer import BOS, EOS, Tokenizer
+from pipeline.tokenizer import BOS, EOS, PAD, Tokenizer
 from schemas.common import with_meta
 from schemas.manifest import MANIFEST, Manifest, ShardRecord, TokensStats, read_manifest, shard_record, write_manifest
 from schemas.tokens import TokensMeta, encode, token_schema
@@ -48,6 +48,7 @@ class _SplitWriter:
         self.folder, self.split, self.meta, self.cfg = folder, split, meta, cfg
         self.schema = token_schema(cfg.seq_len)
         self.rows: list[np.ndarray] = []
+        self.continued: list[bool] = []
         self.records: list[ShardRecord] = []
         self.window = 0
         self.max_id = -1
@@ -59,8 +60,9 @@ class _SplitWriter:
     def total(self) -> int:
         return self.window + len(self.rows)
 
-    def add(self, window: np.ndarray) -> None:
+    def add(self, window: np.ndarray, continued: bool) -> None:
         self.rows.append(window)
+        self.continued.append(continued)
         if len(self.rows) == self.cfg.shard_windows:
             self.flush()
 
@@ -69,7 +71,7 @@ class _SplitWriter:
             return
         ids = np.stack(self.rows)
         n, width = ids.shape
-        table = encode(np.arange(self.window, self.window + n), ids, self.schema)
+        table = encode(np.arange(self.window, self.window + n), ids, np.array(self.continued), self.schema)
         path = self.folder / f"{self.split}-{len(self.records):05d}.parquet"
         with ShardWriter(path, with_meta(self.schema, self.meta), rows_per_group(width * 4)) as w:
             w.write(table)
@@ -77,7 +79,7 @@ class _SplitWriter:
         self.records.append(record)
         self.max_id = max(self.max_id, int(ids.max()))
         self.window += n
-        self.rows = []
+        self.rows, self.continued = [], []
 
     def finish(self) -> Manifest:
         self.flush()
@@ -114,8 +116,10 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
         if cfg.corpus_tokens and _budget_left(writers, cfg) == {"val"} - {split}:
             continue  # train budget met; keep reading only until val has its share
         ids = tokenizer.encode(text)
-        for w in streams[split].push(ids):
-            writers[split].add(w)
+        if not ids:
+            continue
+        for window, continued in streams[split].push(ids):
+            writers[split].add(window, continued)
         docs += 1
         tokens += len(ids) + 2
         bar.update(1)
@@ -123,6 +127,9 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
         if cfg.corpus_tokens and not _budget_left(writers, cfg):
             break
     bar.close()
+    for split in SPLITS:
+        for window, continued in streams[split].flush():
+            writers[split].add(window, continued)
     if docs == 0:
         raise PipelineError(f"corpus {spec.describe()!r} has no documents; nothing to tokenize")
     return {s: writers[s].finish() for s in SPLITS}
@@ -143,17 +150,39 @@ def _budget_left(writers: dict[str, _SplitWriter], cfg: TokenizeConfig) -> set[s
 
 
 class WindowStream:
-    """Concatenates `<bos> doc <eos>` and cuts windows of seq_len+1 with a one-token overlap; a final
-    partial window is dropped."""
+    """Packs documents `<bos> doc <eos>` into windows of seq_len+1 tokens that each start with `<bos>`. A
+    document that does not fit continues in the next window after a fresh `<bos>` and a repeat of the last
+    token already placed (so its next token is predicted with context, and no token goes untrained);
+    such a window is `continued`. A new document never starts in a window's last slot (that slot is
+    padded). Memory: one window; time: linear in the tokens."""
 
     def __init__(self, seq_len: int) -> None:
-        self.seq_len = seq_len
-        self.buf: list[int] = []
+        self.width = seq_len + 1
+        self.buf = np.zeros(self.width, dtype=np.int32)
+        self.fill = 0
+        self.continued = False
 
-    def push(self, ids: list[int]) -> Iterator[np.ndarray]:
-        self.buf.append(BOS)
-        self.buf.extend(ids)
-        self.buf.append(EOS)
-        while len(self.buf) >= self.seq_len + 1:
-            yield np.asarray(self.buf[: self.seq_len + 1], dtype=np.int32)
-            del self.buf[: self.seq_len]
+    def push(self, ids: list[int] | np.ndarray) -> Iterator[tuple[np.ndarray, bool]]:
+        if self.width - self.fill < 2 and self.fill:
+            yield from self.flush()
+        doc = np.concatenate(([BOS], np.asarray(ids, dtype=np.int32), [EOS])).astype(np.int32)
+        start = 0
+        while start < len(doc):
+            take = min(self.width - self.fill, len(doc) - start)
+            self.buf[self.fill : self.fill + take] = doc[start : start + take]
+            self.fill += take
+            start += take
+            if self.fill == self.width:
+                yield self.buf.copy(), self.continued
+                if start < len(doc):
+                    self.buf[0], self.buf[1] = BOS, doc[start - 1]
+                    self.fill, self.continued = 2, True
+                else:
+                    self.fill, self.continued = 0, False
+
+    def flush(self) -> Iterator[tuple[np.ndarray, bool]]:
+        """The partial last window, padded (pad labels do not train)."""
+        if self.fill:
+            self.buf[self.fill :] = PAD
+            yield self.buf.copy(), self.continued
+            self.fill, self.continued = 0, False

@@ -17,6 +17,7 @@ import torch
 from pipeline.model import Gemma2
 from pipeline.settings import setting
 from schemas.logits import Targets
+from schemas.tokens import document_ids
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,22 @@ def window_uniforms(window: int, positions: int, samples: int, seed: int) -> tor
 
 
 @torch.no_grad()
-def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], cfg: TopKConfig) -> Targets:
-    """input_ids [B, T+1] (window rows); targets for the T positions that have a label."""
+def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], cfg: TopKConfig,
+                    mask: torch.Tensor | None = None) -> Targets:
+    """input_ids [B, T+1] (window rows, documents masked by their `<bos>`); targets for the T positions that
+    have a label. With `mask` [B, T], the head runs only where it is true; other positions hold zeros."""
     b, t = input_ids.shape[0], input_ids.shape[1] - 1
-    hidden = model.hidden_states(input_ids[:, :t]).reshape(b * t, -1)
+    inputs = input_ids[:, :t]
+    hidden = model.hidden_states(inputs, document_ids(inputs)).reshape(b * t, -1)
+    keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    if keep is not None:
+        hidden = hidden[keep]
     uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.sample_seed) for w in windows])
                 if cfg.samples else None)
+    if uniforms is not None and keep is not None:
+        uniforms = uniforms[keep.cpu()]
     ids, lps, tails, ents, draws = [], [], [], [], []
-    for start in range(0, b * t, cfg.head_chunk):
+    for start in range(0, hidden.shape[0], cfg.head_chunk):
         h = hidden[start : start + cfg.head_chunk]
         logp = torch.log_softmax(model.logits(h), dim=-1)
         top_lp, top_i = logp.topk(cfg.topk, dim=-1)
@@ -53,15 +62,23 @@ def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], 
         lps.append(top_lp)
         if uniforms is not None:
             draws.append(_draw(tail_probs, uniforms[start : start + h.shape[0]].to(h.device)))
-    to_np = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
+    rows = np.arange(b * t) if keep is None else keep.cpu().numpy()
+
+    def full(parts: list[torch.Tensor], dtype: type, *shape: int) -> np.ndarray:
+        out = np.zeros((b * t, *shape), dtype=dtype)
+        if parts:
+            out[rows] = torch.cat(parts).cpu().numpy()
+        return out.reshape(b, t, *shape)
+
     out = Targets(
-        topk_ids=to_np(ids).astype(np.int32).reshape(b, t, cfg.topk),
-        topk_logprobs=to_np(lps).astype(np.float16).reshape(b, t, cfg.topk),
-        tail_mass=to_np(tails).astype(np.float32).reshape(b, t),
-        entropy=to_np(ents).astype(np.float32).reshape(b, t),
+        topk_ids=full(ids, np.int32, cfg.topk),
+        topk_logprobs=full(lps, np.float16, cfg.topk),
+        tail_mass=full(tails, np.float32),
+        entropy=full(ents, np.float32),
     )
-    if draws:
-        out.sample_ids, out.sample_counts, out.sample_offsets = unique_counts(to_np(draws), out.tail_mass.reshape(-1))
+    if uniforms is not None:
+        out.sample_ids, out.sample_counts, out.sample_offsets = unique_counts(
+            full(draws, np.int64, cfg.samples).reshape(b * t, cfg.samples), out.tail_mass.reshape(-1))
     return out
 
 

@@ -38,6 +38,7 @@ from pipeline.tokenizer import Tokenizer
 from schemas.logits import MODE_COLUMNS, LogitsMeta, to_torch
 from schemas.manifest import Manifest
 from schemas.run_config import DataRef, RunConfig, read_run_config, write_run_config
+from schemas.tokens import document_ids
 
 
 @dataclass(frozen=True)
@@ -118,23 +119,25 @@ def loss_columns(loss: LossConfig) -> tuple[str, ...]:
 
 
 class StudentWithLoss(nn.Module):
-    """The model and its loss in one forward, so DDP sees one module and its gradient hooks fire once."""
+    """The model and its loss in one forward, so DDP sees one module and its gradient hooks fire once.
+    Documents are masked by their `<bos>`; only positions whose label trains (`label_mask`) enter the
+    loss, which is their summed loss over `denominator`."""
 
     def __init__(self, model: Gemma2, loss: LossConfig) -> None:
         super().__init__()
         self.model, self.loss = model, loss
-        self.columns = loss_columns(loss)
+        self.targets = [c for c in loss_columns(loss) if c not in ("input_ids", "label_mask")]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
         ids = batch["input_ids"]
-        t = ids.shape[1] - 1
-        hidden = self.model.hidden_states(ids[:, :t])
-        rows = hidden.shape[0] * t
-        targets = {"labels": ids[:, 1:].reshape(-1)}
-        for name in self.columns[1:]:
-            targets[name] = batch[name].reshape(rows, *batch[name].shape[2:])
-        return chunked_loss(hidden.reshape(rows, -1), self.model.head_weight, self.model.config.final_logit_softcapping,
-                            targets, self.loss)
+        inputs = ids[:, :-1]
+        hidden = self.model.hidden_states(inputs, document_ids(inputs))
+        keep = batch["label_mask"].reshape(-1)
+        targets = {"labels": ids[:, 1:].reshape(-1)[keep]}
+        for name in self.targets:
+            targets[name] = batch[name].reshape(keep.shape[0], *batch[name].shape[2:])[keep]
+        return chunked_loss(hidden.reshape(keep.shape[0], -1)[keep], self.model.head_weight,
+                            self.model.config.final_logit_softcapping, targets, self.loss, denominator)
 
 
 # --- checkpoint of the training state (safetensors + JSON; nothing pickled) ---------------------------
@@ -301,16 +304,21 @@ def prepare(name: str, student: str, data: Path, out: Path, loss: LossConfig, op
 
 
 def train_step(run: Run) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches; returns this rank's mean loss (a tensor)."""
+    """One optimizer step over grad_accum micro-batches; returns this rank's share of the step's mean loss.
+    The loss is the mean over every trained position of the global step (all ranks, all micro-batches), so
+    N processes and gradient accumulation give what one large batch gives even when masks differ."""
     acc, cfg = run.accelerator, run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, run.config.total_steps, run.optim)
+    batches = [to_torch(run.stream.next_batch(), acc.device) for _ in range(cfg.grad_accum)]
+    positions = acc.reduce(sum(b["label_mask"].sum() for b in batches).float(), "sum")
+    # DDP averages gradients over ranks: each rank's sum is scaled by world / positions.
+    denominator = positions.clamp(min=1.0) / run.runtime.world
     running = torch.zeros((), device=acc.device)
-    for micro in range(cfg.grad_accum):
-        batch = to_torch(run.stream.next_batch(), acc.device)
+    for micro, batch in enumerate(batches):
         sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.wrapped)
         with sync:
-            value = run.wrapped(batch) / cfg.grad_accum
+            value = run.wrapped(batch, denominator)
             acc.backward(value)
         running += value.detach()
     if run.optim.clip > 0:

@@ -1,10 +1,14 @@
-"""Teacher logit shards (`logits/{train,val}/*.parquet`), version 1: the cache contract.
+"""Teacher logit shards (`logits/{train,val}/*.parquet`), version 2: the cache contract (version 1 caches,
+whose windows were cut without `<bos>` or document masking, stay readable).
 
-Per row (one window): `window`, `input_ids` [T+1]; per position t < T (predicting input_ids[t+1]):
+Per row (one window): the token shard's window columns (`window`, `input_ids` [T+1], `continued`, and for
+chat data `loss_mask` [T]: see schemas/tokens.py); per position t < T (predicting input_ids[t+1]):
 `topk_ids` [T][K] int32 most likely first, `topk_logprobs` [T][K] float16 log-probabilities at temperature 1
 after the final soft-cap, `tail_mass` [T] float32 exact probability outside the top K (from the full float32
 distribution); with samples, `sample_ids` / `sample_counts` [T][<=N]: N draws with replacement from the
 distribution restricted to the ids outside the top K, as unique ids (ascending) and their counts.
+
+Positions that do not train (`label_mask` false) hold zeros: stage one skips the head there.
 
 This module is the one place that knows the columns: the writer encodes `Targets` with `encode`, the reader
 decodes with `decode`, the trainer converts with `to_torch`, and each loss mode reads `MODE_COLUMNS[mode]`.
@@ -21,22 +25,29 @@ import pyarrow as pa
 import torch
 
 from schemas.common import check_kind, check_schema, fixed_lists, from_json, read_file_meta
+from schemas.tokens import label_mask, window_columns
 
-LOGITS_VERSION = 1
+LOGITS_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 TAIL_COLUMNS = ("tail_mass",)
 SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
-# The columns each use of the cache reads (`input_ids` always: the student's inputs and the CE labels).
+# `input_ids` (the student's inputs and the CE labels) and `label_mask` (derived: which positions train)
+# come with every mode.
+WINDOW = ("input_ids", "label_mask")
 MODE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "ce": ("input_ids",),
-    "renorm": ("input_ids", *TOPK_COLUMNS),
-    "tail": ("input_ids", *TOPK_COLUMNS, *TAIL_COLUMNS),
-    "sampled": ("input_ids", *TOPK_COLUMNS, *TAIL_COLUMNS, *SAMPLE_COLUMNS),
+    "ce": WINDOW,
+    "renorm": (*WINDOW, *TOPK_COLUMNS),
+    "tail": (*WINDOW, *TOPK_COLUMNS, *TAIL_COLUMNS),
+    "sampled": (*WINDOW, *TOPK_COLUMNS, *TAIL_COLUMNS, *SAMPLE_COLUMNS),
 }
 EVAL_COLUMNS = MODE_COLUMNS["tail"]  # the evaluation's KL and agreement use the top-K and the tail bucket
+# Columns computed from stored ones when read, and what they are computed from (where a file has them).
+DERIVED = {"label_mask": ("input_ids", "continued", "loss_mask")}
 # Tensor dtypes in stage two: ids index embeddings (int64); every weight is float32 (float16 on disk).
 TORCH_DTYPES = {"input_ids": torch.long, "topk_ids": torch.long, "sample_ids": torch.long,
-                "topk_logprobs": torch.float32, "tail_mass": torch.float32, "sample_counts": torch.float32}
+                "topk_logprobs": torch.float32, "tail_mass": torch.float32, "sample_counts": torch.float32,
+                "label_mask": torch.bool}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +65,7 @@ class LogitsMeta:
     teacher_fingerprint: str
     split: str
     corpus: str = ""
+    format: str = "text"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +93,11 @@ class Targets:
     sample_offsets: np.ndarray | None = None  # [B*T + 1] int32
 
 
-def logits_schema(seq_len: int, topk: int, samples: int) -> pa.Schema:
-    fields = [
-        pa.field("window", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32(), seq_len + 1), nullable=False),
+def logits_schema(seq_len: int, topk: int, samples: int, chat: bool = False, version: int = LOGITS_VERSION) -> pa.Schema:
+    from schemas.tokens import token_schema
+
+    window = list(token_schema(seq_len, chat)) if version >= 2 else list(token_schema(seq_len))[:2]
+    fields = window + [
         pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), topk), seq_len), nullable=False),
         pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), topk), seq_len), nullable=False),
         pa.field("tail_mass", pa.list_(pa.float32(), seq_len), nullable=False),
@@ -97,12 +110,12 @@ def logits_schema(seq_len: int, topk: int, samples: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def encode(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
+def encode(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, continued: np.ndarray, schema: pa.Schema,
+           loss_mask: np.ndarray | None = None) -> pa.Table:
     """Arrow table in the logits schema for one batch of windows."""
     b, t, k = targets.topk_ids.shape
     columns = {
-        "window": pa.array(windows.astype(np.int64)),
-        "input_ids": fixed_lists(input_ids.astype(np.int32), t + 1),
+        **window_columns(windows, input_ids, continued, loss_mask),
         "topk_ids": fixed_lists(targets.topk_ids, t, k),
         "topk_logprobs": fixed_lists(targets.topk_logprobs, t, k),
         "tail_mass": fixed_lists(targets.tail_mass, t),
@@ -114,10 +127,25 @@ def encode(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, schema:
     return pa.table(columns, schema=schema.remove_metadata())
 
 
+def stored_columns(columns: tuple[str, ...], available: list[str]) -> list[str]:
+    """The stored columns to read for `columns` (derived ones replaced by their sources in the file)."""
+    out: list[str] = []
+    for name in columns:
+        for source in DERIVED.get(name, (name,)):
+            if source not in out and (source in available or name not in DERIVED):
+                out.append(source)
+    return out
+
+
 def decode(table: pa.Table, columns: tuple[str, ...], samples: int = 0) -> dict[str, np.ndarray]:
     """Columns → dense numpy arrays ([rows, T(, K)] in their stored dtypes); the variable-length tail draws
-    are padded with zeros (id 0, count 0) to at least `samples` entries."""
-    return {name: _dense(table.column(name), max(1, samples)) for name in columns}
+    are padded with zeros (id 0, count 0) to at least `samples` entries; `label_mask` is derived."""
+    out = {name: _dense(table.column(name), max(1, samples)) for name in columns if name not in DERIVED}
+    if "label_mask" in columns:
+        stored = {n: _dense(table.column(n), 1) for n in ("continued", "loss_mask") if n in table.column_names}
+        ids = out["input_ids"] if "input_ids" in out else _dense(table.column("input_ids"), 1)
+        out["label_mask"] = label_mask(ids, stored.get("continued"), stored.get("loss_mask"))
+    return out
 
 
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -126,9 +154,10 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, to
 
 def validate_logits_shard(path: str | Path) -> LogitsShardMeta:
     schema, raw = read_file_meta(path)
-    check_kind(path, raw, "logits", (LOGITS_VERSION,))
+    check_kind(path, raw, "logits", READABLE_VERSIONS)
     meta = from_json(LogitsShardMeta, raw, path)
-    check_schema(path, schema, logits_schema(meta.seq_len, meta.topk, meta.samples))
+    expected = logits_schema(meta.seq_len, meta.topk, meta.samples, meta.format == "chat", meta.schema_version)
+    check_schema(path, schema, expected)
     return meta
 
 

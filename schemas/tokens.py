@@ -1,7 +1,17 @@
-"""Token shards (`tokens/{train,val}/*.parquet`), version 1.
+"""Token shards (`tokens/{train,val}/*.parquet`), version 2: `<bos>`-first, document-packed windows.
 
-One row per window of SEQ_LEN+1 token ids; consecutive windows overlap by one token so position t of a
-window predicts token t+1 of the same row.
+One row per window of SEQ_LEN+1 token ids; position t predicts token t+1 of the same row. Every window
+starts with `<bos>`. Documents are packed `<bos> doc <eos> <bos> doc <eos> …`; each `<bos>` starts a
+document, and attention is masked per document (`document_ids`). A document that does not fit continues in
+the next window after a fresh `<bos>`, repeating the previous window's last token (`continued` is true).
+
+Columns: `window` int64 (unique within a split), `input_ids` [T+1] int32, `continued` bool, and for chat
+data (`format` "chat") `loss_mask` [T] uint8: 1 where the label belongs to a model turn.
+
+Which positions train (`label_mask`): not a label that is `<bos>` (the next document's start, predicted
+across a document boundary) or `<pad>` (the filler of a unit's last window); not position 0 of a continued
+window (its label was already the previous window's last label, and `<bos>` alone is no context for a
+mid-document token); and, for chat, only where `loss_mask` is 1.
 """
 
 from __future__ import annotations
@@ -11,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from pipeline.tokenizer import BOS, PAD
 from schemas.common import check_kind, check_schema, fixed_lists, from_json, read_file_meta
 
-TOKENS_VERSION = 1
-TOKEN_COLUMNS = ("window", "input_ids")
+TOKENS_VERSION = 2
+FORMATS = ("text", "chat")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,28 +41,60 @@ class TokensMeta:
     tokenizer_fingerprint: str
     corpus: str
     split: str
+    format: str = "text"
     val_fraction: float | None = None
     corpus_tokens: int | None = None
     shard_windows: int | None = None
 
 
-def token_schema(seq_len: int) -> pa.Schema:
-    return pa.schema([
+def token_schema(seq_len: int, chat: bool = False) -> pa.Schema:
+    fields = [
         pa.field("window", pa.int64(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32(), seq_len + 1), nullable=False),
-    ])
+        pa.field("continued", pa.bool_(), nullable=False),
+    ]
+    if chat:
+        fields.append(pa.field("loss_mask", pa.list_(pa.uint8(), seq_len), nullable=False))
+    return pa.schema(fields)
 
 
-def encode(windows: np.ndarray, input_ids: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """[n] window indices and [n, SEQ_LEN+1] ids → a table in the token schema."""
-    return pa.table({"window": pa.array(windows.astype(np.int64)),
-                     "input_ids": fixed_lists(input_ids.astype(np.int32), input_ids.shape[1])},
-                    schema=schema.remove_metadata())
+def window_columns(windows: np.ndarray, input_ids: np.ndarray, continued: np.ndarray,
+                   loss_mask: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """The window columns every token and logit shard shares, as Arrow arrays."""
+    columns = {"window": pa.array(windows.astype(np.int64)),
+               "input_ids": fixed_lists(input_ids.astype(np.int32), input_ids.shape[1]),
+               "continued": pa.array(continued.astype(bool))}
+    if loss_mask is not None:
+        columns["loss_mask"] = fixed_lists(loss_mask.astype(np.uint8), loss_mask.shape[1])
+    return columns
+
+
+def encode(windows: np.ndarray, input_ids: np.ndarray, continued: np.ndarray, schema: pa.Schema,
+           loss_mask: np.ndarray | None = None) -> pa.Table:
+    """[n] window indices, [n, SEQ_LEN+1] ids, [n] continuation flags (and [n, SEQ_LEN] loss mask) → a table."""
+    return pa.table(window_columns(windows, input_ids, continued, loss_mask), schema=schema.remove_metadata())
+
+
+def label_mask(input_ids: np.ndarray, continued: np.ndarray | None = None,
+               loss_mask: np.ndarray | None = None) -> np.ndarray:
+    """[B, T] bool: the positions that train and are evaluated (see the module docstring)."""
+    labels = input_ids[:, 1:]
+    mask = (labels != BOS) & (labels != PAD)
+    if continued is not None:
+        mask[:, 0] &= ~continued.astype(bool)
+    if loss_mask is not None:
+        mask &= loss_mask.astype(bool)
+    return mask
+
+
+def document_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] → the index of each position's document within its row: every `<bos>` starts one."""
+    return (input_ids == BOS).cumsum(-1, dtype=torch.int32)
 
 
 def validate_token_shard(path: str | Path) -> TokensMeta:
     schema, raw = read_file_meta(path)
     check_kind(path, raw, "tokens", (TOKENS_VERSION,))
     meta = from_json(TokensMeta, raw, path)
-    check_schema(path, schema, token_schema(meta.seq_len))
+    check_schema(path, schema, token_schema(meta.seq_len, meta.format == "chat"))
     return meta

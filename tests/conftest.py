@@ -76,3 +76,32 @@ def work(tmp_path_factory, corpus_dir, tokenizer_file) -> Path:
         teacher.model.embed_tokens.weight.mul_(5)
     save_model(teacher, root / "teacher", tokenizer=tokenizer_file)
     return root
+
+
+def per_document_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Reference for document-masked windows: log-softmax [B, T, V] of the positions ids[:, :-1], each
+    document (a run starting at <bos>) run alone through the model (ours or transformers')."""
+    from pipeline.tokenizer import BOS
+
+    t = ids.shape[1] - 1
+    out = torch.zeros(ids.shape[0], t, model.config.vocab_size)
+    with torch.no_grad():
+        for w in range(ids.shape[0]):
+            starts = [i for i in range(t) if ids[w, i] == BOS] + [t]
+            if starts[0] != 0:
+                starts.insert(0, 0)
+            for a, b in zip(starts, starts[1:]):
+                logits = model(ids[w : w + 1, a:b])
+                logits = getattr(logits, "logits", logits)  # transformers returns an output object
+                out[w, a:b] = torch.log_softmax(logits.float(), -1)[0]
+    return out
+
+
+def trained_positions(ids: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
+    """Reference for the label mask, written out: labels that are not <bos>/<pad>, and not position 0 of a
+    continued window."""
+    from pipeline.tokenizer import BOS, PAD
+
+    train = (ids[:, 1:] != BOS) & (ids[:, 1:] != PAD)
+    train[:, 0] &= ~continued.bool()
+    return train

@@ -66,9 +66,10 @@ def test_ranks_together_equal_one_process(cache):
 
 
 def test_samples_padded_to_n(cache):
-    batch = ShardStream(cache / "train", SAMPLE_COLUMNS, ReaderConfig(4)).next_batch()
+    batch = ShardStream(cache / "train", SAMPLE_COLUMNS + ("label_mask",), ReaderConfig(4)).next_batch()
     assert batch["sample_ids"].shape == (4, 16, 5)
-    assert (batch["sample_counts"].sum(-1) == 5).all()
+    counts = batch["sample_counts"].sum(-1)
+    assert (counts[batch["label_mask"]] == 5).all() and (counts[~batch["label_mask"]] == 0).all()
 
 
 def test_kd_columns_missing_from_token_shards(work):

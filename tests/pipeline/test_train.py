@@ -19,7 +19,7 @@ from pipeline.model import Gemma2, preset
 from pipeline.tokenizer import Tokenizer
 from pipeline.topk import TopKConfig
 from pipeline.train import OptimConfig, TrainConfig, lr_at, train
-from tests.conftest import CORPUS_TEXTS, tiny_config
+from tests.conftest import CORPUS_TEXTS, per_document_logprobs, tiny_config, trained_positions
 
 FAST = TrainConfig(max_tokens=16 * 8 * 40, batch_size=8, save_every=1000, log_every=5)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=5)
@@ -105,11 +105,11 @@ def test_evaluate_matches_direct_computation(work, cache):
     metrics = evaluate(teacher, cache / "val", batch_size=5, chunk_tokens=7)
     import pyarrow.parquet as pq
 
-    ids = torch.tensor([row for f in sorted((cache / "val").glob("*.parquet"))
-                        for row in pq.read_table(f).column("input_ids").to_pylist()])
-    with torch.no_grad():
-        logp = torch.log_softmax(teacher(ids[:, :-1]).float(), -1)
-    ce = -logp.gather(-1, ids[:, 1:, None]).mean().item()
+    tables = [pq.read_table(f) for f in sorted((cache / "val").glob("*.parquet"))]
+    ids = torch.tensor([row for t in tables for row in t.column("input_ids").to_pylist()])
+    continued = torch.tensor([c for t in tables for c in t.column("continued").to_pylist()])
+    logp = per_document_logprobs(teacher, ids)
+    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[trained_positions(ids, continued)].mean().item()
     assert metrics["val_ce"] == pytest.approx(ce, rel=1e-5)
     assert metrics["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
     assert metrics["top1_agreement"] == 1.0  # the teacher agrees with its own cache

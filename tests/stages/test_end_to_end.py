@@ -1,5 +1,6 @@
 """All stages in a row on a tiny corpus with the `debug` preset, as the Makefile chains them; final
-losses are compared with a golden file (set UPDATE_GOLDEN=1 to rewrite it after an intended change)."""
+losses are compared with a golden file (set UPDATE_GOLDEN=1 to rewrite it after an intended change) and the
+distilled student must beat its from-scratch twin."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_all_stages_chain(corpus_dir, tmp_path):
     work = tmp_path / "run"
     stage("tokenize", "--work", work, "--corpus", corpus_dir, "--vocab", "400", "--seq-len", "16", "--val-fraction", "0.2",
           "--shard-windows", "40")
-    stage("teacher", "--tokens", work / "tokens", "--teacher", work / "teacher", "--preset", "debug", "--max-tokens", 16 * 8 * 40,
+    stage("teacher", "--tokens", work / "tokens", "--teacher", work / "teacher", "--preset", "debug", "--max-tokens", 16 * 8 * 150,
           *TRAIN)
     stage("teacher_logits", "--teacher", work / "teacher", "--tokens", work / "tokens", "--cache", work / "logits",
           "--topk", "8", "--samples", "4")
@@ -48,7 +49,10 @@ def test_all_stages_chain(corpus_dir, tmp_path):
         GOLDEN.write_text(json.dumps(losses, indent=2, sort_keys=True) + "\n")
     golden = json.loads(GOLDEN.read_text())
     for name, value in golden.items():
-        assert losses[name] == pytest.approx(value, abs=0.02), name
+        # A tolerance well inside the KD-vs-CE gap below, so a change that erased the gap cannot pass.
+        assert losses[name] == pytest.approx(value, abs=0.01), name
+    # What the pipeline is for: on the same windows and budget, the distilled student beats its twin.
+    assert losses["s-kd"] < losses["s-ce"] - 0.03
     # Rerunning a finished chain does no work and changes nothing.
     again = stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd=debug",
                   "--loss", "kd", "--max-tokens", 16 * 8 * 20, *TRAIN).stdout

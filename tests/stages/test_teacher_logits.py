@@ -12,6 +12,7 @@ import torch
 from transformers import Gemma2Config as HFConfig
 from transformers import Gemma2ForCausalLM
 
+from tests.conftest import per_document_logprobs, trained_positions
 from tests.stages.helpers import popen, same_files, stage, torchrun
 
 ARGS = ("--topk", "8", "--samples", "4", "--batch-size", "1")
@@ -58,9 +59,9 @@ def test_transformers_saved_teacher_matches_transformers_topk(work, tmp_path):
     stage("teacher_logits", "--teacher", tmp_path / "teacher", "--tokens", work / "tokens", "--cache", out, "--topk", "8")
     table = pq.read_table(out / "val" / "val-00000.parquet")
     ids = torch.tensor(table.column("input_ids").to_pylist())
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(ids[:, :-1]).logits.float(), -1).topk(8, -1)
-    assert torch.equal(torch.tensor(table.column("topk_ids").to_pylist()), ref.indices.int())
+    train = trained_positions(ids, torch.tensor(table.column("continued").to_pylist()))
+    ref = per_document_logprobs(hf, ids).topk(8, -1)
+    assert torch.equal(torch.tensor(table.column("topk_ids").to_pylist())[train], ref.indices.int()[train])
 
 
 def test_errors_are_one_line_with_nonzero_exit(work, tmp_path):
