@@ -7,8 +7,10 @@ RUN        ?= demo
 WORK       ?= runs/$(RUN)
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
-# Prefix of the GPU stages, e.g. "accelerate launch --num_processes 8" (run from the venv: see README).
+# Prefix of the GPU stages, e.g. "accelerate launch --num_processes 8" or "torchrun --nproc_per_node 8".
 LAUNCH     ?= $(PY)
+# The venv first on PATH, so LAUNCH's `accelerate` / `torchrun` are the venv's own.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_SPEC ?= torch==2.13.0
 STUDENTS   ?=
 MERGE_INPUTS ?=
@@ -19,18 +21,31 @@ EXTRA      ?=
 SETTINGS := \
   CORPUS:tokenize:corpus TEXT_COLUMN:tokenize:text_column TOKENIZER:tokenize:tokenizer VOCAB:tokenize:vocab \
   SEQ_LEN:tokenize:seq_len VAL_FRACTION:tokenize:val_fraction SHARD_WINDOWS:tokenize:shard_windows \
-  CORPUS_TOKENS:tokenize:corpus_tokens \
+  CORPUS_TOKENS:tokenize:corpus_tokens VAL_TOKENS:tokenize:val_tokens WORKERS:tokenize:workers \
+  FORMAT:tokenize:format MESSAGES_COLUMN:tokenize:messages_column FILTERS:tokenize:filters \
+  NEAR_THRESHOLD:tokenize:near_threshold MIN_CHARS:tokenize:min_chars MAX_CHARS:tokenize:max_chars \
+  BLOCKLIST:tokenize:blocklist \
+  TEMPERATURE:generate:temperature SEED:generate:seed \
   TEACHER_PRESET:teacher:preset TEACHER_TOKENS:teacher:max_tokens TEACHER:teacher:teacher \
   BATCH_SIZE:teacher:batch_size PRECISION:teacher:precision SEED:teacher:seed \
   TEACHER:teacher_logits:teacher CACHE:teacher_logits:cache TOPK:teacher_logits:topk SAMPLES:teacher_logits:samples \
   CACHE_TOKENS:teacher_logits:cache_tokens CAPTURE_BATCH:teacher_logits:batch_size HEAD_CHUNK:teacher_logits:head_chunk \
-  DTYPE:teacher_logits:dtype \
+  DTYPE:teacher_logits:dtype TEMPERATURE:teacher_logits:temperature \
+  CACHE_PRESET:teacher_logits:cache_preset SAMPLING:teacher_logits:sampling ID_CODING:teacher_logits:id_coding \
+  LOGPROB_CODING:teacher_logits:logprob_coding \
+  CACHE:verify:cache TEACHER:verify:teacher VERIFY_WINDOWS:verify:windows VERIFY_TOLERANCE:verify:tolerance \
   CACHE:train_student:cache STUDENT_DIR:train_student:students LOSS:train_student:loss \
   KD_TARGET:train_student:kd_target MAX_TOKENS:train_student:max_tokens BATCH_SIZE:train_student:batch_size \
   LR:train_student:lr SEED:train_student:seed PRECISION:train_student:precision LOSS_CHUNK:train_student:loss_chunk \
+  SHARDING:train_student:sharding GRAD_ACCUM:train_student:grad_accum BATCH_TOKENS:train_student:batch_tokens \
+  WARMUP_FRACTION:train_student:warmup_fraction SHUFFLE_TOKENS:train_student:shuffle_tokens \
+  EVAL_WINDOWS:train_student:eval_windows SAVE_EVERY_TOKENS:train_student:save_every_tokens \
+  SELECT:train_student:select \
+  SAVE_EVERY_MINUTES:train_student:save_every_minutes MAX_BAD_STEPS:train_student:max_bad_steps \
   CACHE:report:cache TEACHER:report:teacher STUDENT_DIR:report:students \
   MERGE_OUT:merge:out \
-  SHARD:inspect:file ROW:inspect:row POS:inspect:pos
+  SHARD:inspect:file ROW:inspect:row POS:inspect:pos \
+  MODEL:generate:model MAX_NEW_TOKENS:generate:max_new_tokens TOP_P:generate:top_p
 
 # --flag value for each set variable mapped to stage $(1); the demo gets --set stage.flag=value instead.
 _var  = $(word 1,$(subst :, ,$(1)))
@@ -42,7 +57,8 @@ sets  = $(foreach s,$(SETTINGS),$(if $(strip $($(call _var,$(s)))),--set $(call 
 common = --work $(WORK) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint tokens teacher teacher-logits train-student report merge inspect demo bench
+.PHONY: help install test lint tokens teacher teacher-logits verify train-student report merge inspect demo bench \
+  demo-chat generate
 
 help: $(VENV)/.installed ## list targets and variables (with their defaults)
 	@echo "targets:"
@@ -64,14 +80,17 @@ test: $(VENV)/.installed ## run the test suite (what CI runs, after lint)
 lint: $(VENV)/.installed ## ruff over the code (what CI runs before the tests)
 	$(PY) -m ruff check pipeline stages schemas benchmarks tests
 
-tokens: $(VENV)/.installed ## corpus -> tokenizer -> token shards ($(WORK)/tokens)
-	$(PY) -m stages.tokenize $(common) $(call flags,tokenize) $(EXTRA)
+tokens: $(VENV)/.installed ## corpus -> tokenizer -> token shards ($(WORK)/tokens) in WORKERS processes
+	$(LAUNCH) -m stages.tokenize $(common) $(call flags,tokenize) $(EXTRA)
 
 teacher: $(VENV)/.installed ## embedded default only: train the demo teacher on the token shards
 	$(LAUNCH) -m stages.teacher $(common) $(call flags,teacher) $(EXTRA)
 
 teacher-logits: $(VENV)/.installed ## teacher over the token shards -> top-K logit shards + manifest ($(WORK)/logits)
 	$(LAUNCH) -m stages.teacher_logits $(common) $(call flags,teacher_logits) $(EXTRA)
+
+verify: $(VENV)/.installed ## check a logit cache: sha256, schema, invariants; VERIFY_WINDOWS=n re-runs the teacher on n windows
+	$(PY) -m stages.verify $(common) $(call flags,verify) $(EXTRA)
 
 train-student: $(VENV)/.installed ## train every student in STUDENTS from the logit cache
 	$(LAUNCH) -m stages.train_student $(common) $(if $(STUDENTS),--student $(STUDENTS)) $(call flags,train_student) $(EXTRA)
@@ -87,6 +106,13 @@ inspect: $(VENV)/.installed ## show a shard's schema, metadata and decoded distr
 
 demo: $(VENV)/.installed ## the whole chain on the embedded default: distilled vs from-scratch students
 	$(PY) -m stages.demo --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(sets) $(EXTRA)
+
+demo-chat: $(VENV)/.installed ## post-training on the embedded default in $(WORK)/chat: chat teacher, KD vs CE students
+	$(PY) -m stages.demo_chat --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(sets) $(EXTRA)
+
+# PROMPT is read from the environment (make exports command-line variables), so quotes and backticks are kept.
+generate: $(VENV)/.installed ## sample a reply: MODEL=dir PROMPT="..." (chat template when chat-trained)
+	$(PY) -m stages.generate $(common) $(call flags,generate) $(if $(PROMPT),--prompt "$$PROMPT") $(EXTRA)
 
 bench: $(VENV)/.installed ## benchmarks (CPU part; benchmarks/gpu.sh on a GPU)
 	$(PY) -m benchmarks.run --work $(WORK) $(EXTRA)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import fidelity, reader, student_step, teacher
+from benchmarks import fidelity, reader, storage, student_step, teacher
+from benchmarks import tokenize as tokenize_bench
 from benchmarks.common import save
 from pipeline.tokenizer import Tokenizer
 
@@ -35,12 +36,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/demo"))
     p.add_argument("--gpu", action="store_true", help="the GPU shapes (needs CUDA)")
     p.add_argument("--with-27b", action="store_true")
-    p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity"))
+    p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity", "storage", "tokenize"))
+    p.add_argument("--big-gb", type=float, default=1.0, help="tokenize: size of the single-file corpus")
     args = p.parse_args()
     out = args.work / "bench"
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"benchmarks on {machine}, torch {torch.__version__}")
-    only = set(args.only or ("teacher", "student", "reader", "fidelity"))
+    only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize"))
     start = time.perf_counter()
     tok = _tokenizer(args.work)
     student_tok_s = None
@@ -66,8 +68,13 @@ def main() -> None:
         if not (args.work / "teacher" / "config.json").is_file() or not (args.work / "logits" / "val" / "manifest.json").is_file():
             print(f"\nStorage vs fidelity: needs the demo teacher and its val cache in {args.work}; run `make demo` first")
         else:
-            result = fidelity.run(args.work / "teacher", args.work / "logits" / "val", args.work / "students" / "s-kd")
+            result = fidelity.run(args.work / "teacher", args.work / "logits" / "val", args.work / "students" / "s-kd",
+                                  summary=args.work / "report" / "summary.json")
             save(out, "fidelity", {"machine": machine, **result})
+    if "storage" in only and not args.gpu:  # the 256k synthetic teacher: CPU work, independent of any run
+        save(out, "storage", {"machine": machine, **storage.run()})
+    if "tokenize" in only and not args.gpu:
+        save(out, "tokenize", {"machine": machine, **tokenize_bench.run(tok, args.big_gb)})
     print(f"\nbenchmarks done in {time.perf_counter() - start:.0f} s; JSON in {out}")
 
 

@@ -38,9 +38,9 @@ def _targets(n: int, vocab: int, k: int, samples: int, dev: torch.device) -> dic
 def worker(mode: str, name: str, vocab: int, seq: int, batch: int, chunk: int, measure: str) -> dict[str, float]:
     dev = device()
     cfg = preset(name, vocab_size=vocab)
-    model = Gemma2(cfg).to(dev)
-    model.init_weights(0)
-    model.to(dev)
+    with torch.device("meta"):  # a 2B built on the CPU first would take minutes per worker
+        model = Gemma2(cfg)
+    model.init_weights(0, dev)
     if dev.type == "cuda":
         model.gradient_checkpointing = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

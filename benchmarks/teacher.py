@@ -69,12 +69,15 @@ def transformers_topk(ours: Gemma2, ids: torch.Tensor, k: int, attn: str) -> flo
     dtype = next(ours.parameters()).dtype
     with torch.device(ids.device):
         hf = Gemma2ForCausalLM(HFConfig(**raw, attn_implementation=attn)).to(dtype).eval()
-    hf.load_state_dict(ours.state_dict(), strict=False)
+    # Tied head: transformers lists lm_head.weight as missing (it is the embedding); nothing else may be.
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"transformers twin did not take our weights: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
 
     @torch.no_grad()
     def step() -> None:
-        logits = hf(ids).logits
+        logits = hf(ids, use_cache=False).logits  # no KV-cache bookkeeping inside the timing
         torch.log_softmax(logits.float(), -1).topk(k, -1).indices.cpu()
 
     rate = ids.numel() / timed(step, repeats=2)

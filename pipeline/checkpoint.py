@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -87,26 +87,73 @@ def load_model(
     return model.eval()
 
 
-def save_model(model: Gemma2, path: str | Path, tokenizer: str | Path | None = None) -> None:
-    """Writes a HF Gemma 2 directory that `Gemma2ForCausalLM.from_pretrained` loads. Each file is written
-    under a temporary name and renamed; config.json comes last, so a folder with a config is complete.
-    Other files in the folder (training state, metrics) are left alone."""
+MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB": the export's files, and its host memory, stay this size
+
+
+def save_model(model: Gemma2, path: str | Path, tokenizer: str | Path | None = None,
+               tensors: Iterable[tuple[str, torch.Tensor | None]] | None = None,
+               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes a HF Gemma 2 directory that `Gemma2ForCausalLM.from_pretrained` loads: `model.safetensors`, or
+    files of at most `max_shard_bytes` named as HF names them with `model.safetensors.index.json`.
+
+    `tensors` yields (name, CPU tensor) in the model's parameter order (default: its own, one at a time); a
+    sharded trainer passes whole tensors gathered one by one, so host memory holds one file's worth. Each
+    file is written under a temporary name and renamed; config.json is removed first and written last, so a
+    folder with a config is complete. Other files in the folder (training state, metrics) are left alone."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
-    state = {name: p.detach().to("cpu").contiguous() for name, p in model.state_dict().items()}
-    dtype = next(iter(state.values())).dtype
+    (path / "config.json").unlink(missing_ok=True)
+    params = list(model.named_parameters())
+    dtype = params[0][1].dtype
+    files = _plan_files([(name, p.numel() * p.element_size()) for name, p in params], max_shard_bytes)
+    if tensors is None:
+        tensors = ((name, p.detach().to("cpu").contiguous()) for name, p in params)
+    names = [name for name, _ in params]
+    closes = {a for a, b in zip(names, names[1:] + [None]) if b is None or files[b] != files[a]}
+    batch: dict[str, torch.Tensor] = {}
+    i = -1
+    for i, (name, tensor) in enumerate(tensors):
+        if i >= len(names) or name != names[i] or tensor is None:
+            raise PipelineError(f"{path}: export got tensor {name!r} out of the model's parameter order")
+        batch[name] = tensor
+        if name in closes:  # its file is whole: write it, then hold nothing
+            with atomic_path(path / files[name]) as tmp:
+                save_file(batch, tmp, metadata={"format": "pt"})
+            batch = {}
+    if batch or i != len(names) - 1:
+        raise PipelineError(f"{path}: export got {i + 1} tensors for {len(names)} parameters")
+    written = set(files.values())
+    for stale in [*path.glob("model-*-of-*.safetensors"), path / SINGLE, path / INDEX]:
+        if stale.name not in written and stale.is_file():
+            stale.unlink()  # an earlier export with another layout
+    if len(written) > 1:
+        total = sum(p.numel() * p.element_size() for _, p in params)
+        write_json(path / INDEX, {"metadata": {"total_size": total}, "weight_map": files})
     config = model.config.to_hf()
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                   "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}
-    with atomic_path(path / SINGLE) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
     if tokenizer is not None:
         with atomic_path(path / "tokenizer.model") as tmp:
             shutil.copyfile(tokenizer, tmp)
     write_json(path / "generation_config.json", generation)
     write_json(path / "config.json", config)
+
+
+def _plan_files(sizes: list[tuple[str, int]], max_bytes: int) -> dict[str, str]:
+    """Tensor name → file, filling files in parameter order up to `max_bytes` (a larger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    if len(groups) == 1:
+        return {name: SINGLE for name in groups[0]}
+    return {name: f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i, g in enumerate(groups) for name in g}
 
 
 def model_fingerprint(path: str | Path, file_hash: Callable[[Path], str] = sha256_file) -> str:

@@ -60,32 +60,42 @@ class Sums:
         return out
 
 
+# How a batch reaches the model: `forward(fn, batch)` runs `fn(model, batch)`. A trainer passes its wrapped
+# (DDP/FSDP) module's forward, so sharded parameters are gathered as in training; plain calls by default.
+Forward = Callable[[Callable[[Gemma2, dict[str, torch.Tensor]], torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
 @torch.no_grad()
 def evaluate(model: Gemma2, val: str | Path, batch_size: int = 16, chunk_tokens: int = 1024, limit: int = 0,
-             runtime: Runtime = Runtime(),
-             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
-    """The first `limit` val windows (0: all) in file order, once; rank r takes every world-th batch and
-    the sums are reduced across ranks."""
-    device = next(model.parameters()).device
+             runtime: Runtime = Runtime(), forward: Forward | None = None) -> dict[str, float]:
+    """The first `limit` val windows (0: all) in file order, once, on the model's device. Global batches of
+    world × batch_size windows, rank r decoding and evaluating the r-th slice; every rank runs the same
+    number of forwards (a sharded model gathers its layers collectively: a rank with no rows left runs one
+    with every position masked) and the sums are reduced across ranks."""
+    device = next(model.parameters()).device  # the training device when a trainer calls it
     was_training = model.training
     model.eval()
     columns = EVAL_COLUMNS if open_split(val).kind == "logits" else MODE_COLUMNS["ce"]
-    stream = ShardStream(val, columns, ReaderConfig(batch_size), shuffle=False)
-    total = min(stream.total, limit) if limit else stream.total
     sums = Sums()
-    for i in range(math.ceil(total / batch_size)):
-        block = stream.next_batch()
-        if i % runtime.world != runtime.rank:
-            continue
-        rows = min(batch_size, total - i * batch_size)
-        batch = to_torch({k: v[:rows] for k, v in block.items()}, device)
-        _accumulate(model, batch, chunk_tokens, sums)
-    reduced = reduce(sums.as_tensor().to(device)).cpu()
+    step = lambda m, b: _accumulate(m, b, chunk_tokens, sums)  # noqa: E731
+    run = forward or (lambda fn, b: fn(model, b))
+    # In file order nothing is shuffled: the smallest buffer (one row group) is enough.
+    with ShardStream(val, columns, ReaderConfig(batch_size, shuffle_tokens=1), runtime, shuffle=False) as stream:
+        total = min(stream.total, limit) if limit else stream.total
+        per_step = batch_size * runtime.world
+        for i in range(math.ceil(total / per_step)):
+            rows = min(batch_size, max(0, total - i * per_step - runtime.rank * batch_size))
+            batch = to_torch(stream.next_batch(), device)
+            batch["label_mask"][rows:] = False  # past `limit`: evaluated by no one
+            run(step, batch)
+    reduced = sums.as_tensor().to(device)
+    if runtime.world > 1:
+        torch.distributed.all_reduce(reduced)
     model.train(was_training)
-    return Sums.from_tensor(reduced).metrics()
+    return Sums.from_tensor(reduced.cpu()).metrics()
 
 
-def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums: Sums) -> None:
+def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums: Sums) -> torch.Tensor:
     ids = batch["input_ids"]
     inputs = ids[:, :-1]
     keep = batch["label_mask"].reshape(-1)  # only the positions that train are evaluated
@@ -106,7 +116,7 @@ def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums:
         sums.bin_count.index_add_(0, bins, torch.ones_like(conf))
         sums.bin_conf.index_add_(0, bins, conf)
         sums.bin_correct.index_add_(0, bins, correct)
-        if rows:
+        if rows and rows["topk_ids"].shape[-1]:  # a pure-sampling cache (K = 0) has no top K to compare with
             ids_k = rows["topk_ids"][s : s + chunk]
             lp = rows["topk_logprobs"][s : s + chunk]
             r = rows["tail_mass"][s : s + chunk].clamp(min=0.0)
@@ -116,5 +126,9 @@ def _accumulate(model: Gemma2, batch: dict[str, torch.Tensor], chunk: int, sums:
                 log_tail_q = torch.logsumexp(logq.scatter(-1, ids_k, float("-inf")), -1)
                 kl = kl + torch.where(r > 0, r * (torch.log(r.clamp(min=1e-30)) - log_tail_q), torch.zeros_like(r))
             sums.kl += kl.sum().item()
-            sums.top1 += (pred == ids_k[:, 0]).sum().item()
+            # The teacher's top-1: the most likely cached id, whatever order the cache stores its ids in; ids
+            # whose stored log-probs tie at the top (float16 rounding) all count.
+            at_top = lp == lp.max(-1, keepdim=True).values
+            sums.top1 += ((ids_k == pred[:, None]) & at_top).any(-1).sum().item()
             sums.kd_tokens += y.numel()
+    return hidden.new_zeros(())  # a tensor, as a wrapped module's forward returns

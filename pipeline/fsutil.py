@@ -4,11 +4,12 @@ looks complete."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,43 @@ def clean_stale_tmp(folder: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def clean_stale_tmp_of(path: Path) -> None:
+    """Removes the temporary files a killed writer of `path` left behind, and only those: with several ranks
+    each cleans the files it owns, never another rank's work in progress."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def cached_sha256(cache: str | Path) -> Callable[[Path], str]:
+    """`sha256_file` that remembers each file's digest in the JSON file `cache`, keyed by the file's resolved
+    path, size and mtime_ns: a restart skips re-reading tens of GB of unchanged weights, and a file written
+    since (new size or mtime) is hashed again. An unreadable cache counts as empty. (A rewrite that keeps both
+    the size and the nanosecond mtime goes unnoticed; ordinary writes and copies change the mtime.)"""
+    cache = Path(cache)
+
+    def file_hash(path: Path) -> str:
+        before = path.stat()
+        key = str(path.resolve())
+        entry = _hash_entries(cache).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) \
+                and (entry.get("size"), entry.get("mtime_ns")) == (before.st_size, before.st_mtime_ns):
+            return entry["sha256"]
+        digest = sha256_file(path)
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):  # not changed while read
+            entries = _hash_entries(cache)  # re-read: another rank may have added its files meanwhile
+            entries[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": digest}
+            write_json(cache, entries)
+        return digest
+
+    return file_hash
+
+
+def _hash_entries(cache: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}

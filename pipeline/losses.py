@@ -9,8 +9,16 @@ top-K set S, teacher probabilities p_S and tail mass r = 1 − Σ_S p:
   auto     (default) sampled when the cache has tail draws, else tail
   ce                 −log q_label                                 the from-scratch baseline
 
-Temperature τ re-tempers the teacher (p^(1/τ) over S, r^(1/τ) for the tail bucket, renormalised), divides
-the student's logits by τ and scales the loss by τ². `alpha` mixes in hard-label CE: α·KD + (1−α)·CE.
+Pure sampling (a K = 0 cache: no top K, tail mass 1, the draws from the whole distribution) is `sampled`
+with S empty: −Σ_j (c_j/N) log q_{u_j}, the RS-KD estimator; `tail` and `renorm` have nothing to hold there
+and are refused (`check_target`).
+
+Temperature: the cache holds the teacher at the τ_c it was captured with (softmax(logits / τ_c): top K, tail
+mass and draws; metadata `temperature`). The loss at τ divides the student's logits by τ and scales the loss
+by τ²; τ is the cache's unless set (`resolve_temperature`). The target is never re-tempered, except by
+`renorm`, where it is exact: within S, p_i^(τ_c/τ) renormalised is softmax(logits / τ) restricted to S. The
+tail bucket cannot be: the tempered tail Σ_{x∉S} p_x^(τ_c/τ) / Z needs the probabilities the cache dropped,
+so tail and sampled targets at another τ are refused. `alpha` mixes in hard-label CE: α·KD + (1−α)·CE.
 
 Memory: a custom autograd function walks the rows in chunks, computing each chunk's loss *and* its
 gradients with respect to h and E in the forward pass (as Liger's fused linear CE does), the gradient with
@@ -20,6 +28,7 @@ gradient ever exist whole; backward only scales the stored gradients. `row_losse
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,17 +46,38 @@ class LossConfig:
     target: str = setting("auto", "how the cached target is used: tail (top-K + tail bucket), renorm (top-K "
                                   "renormalised), sampled (top-K + tail draws); auto: sampled when the cache has "
                                   "draws, else tail", flag="kd_target", choices=KD_TARGETS)
-    temperature: float = setting(1.0, "re-tempers the cached target (loss × τ²)")
+    temperature: float = setting(0.0, "τ of the KD loss (student logits / τ, loss × τ²); 0: the cache's τ (recorded "
+                                      "at capture). Another τ only with --kd-target renorm, which re-tempers the "
+                                      "top K exactly")
     alpha: float = setting(1.0, "KD weight; 1 - alpha goes to hard-label CE")
     loss_chunk: int = setting(1024, "positions per loss chunk (bounds the logits' memory at chunk × vocab)")
+    teacher_temperature: float = 1.0  # the cache's τ (`resolve_temperature` sets it from the cache's metadata)
 
     def __post_init__(self) -> None:
         if self.kind not in ("kd", "ce"):
             raise PipelineError(f"--loss {self.kind!r}: use kd or ce")
         if self.target not in KD_TARGETS:
             raise PipelineError(f"--kd-target {self.target!r}: use one of {', '.join(KD_TARGETS)}")
-        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
-            raise PipelineError("--temperature must be > 0 and --alpha within [0, 1]")
+        if self.temperature < 0 or self.teacher_temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise PipelineError("--temperature must be > 0 (or 0: the cache's) and --alpha within [0, 1]")
+
+    @property
+    def tau(self) -> float:
+        """The loss's temperature: the one set, else the cache's."""
+        return self.temperature or self.teacher_temperature
+
+
+def resolve_temperature(loss: LossConfig, cache_temperature: float) -> LossConfig:
+    """The loss at the cache's τ unless another is set, which only `renorm` can honour exactly (and CE, which
+    reads no teacher target, ignores); anything else is refused with one line."""
+    tau = loss.temperature or cache_temperature
+    if loss.kind == "kd" and loss.target != "renorm" and tau != cache_temperature:
+        raise PipelineError(
+            f"--temperature {tau:g}: the cache holds the teacher at τ = {cache_temperature:g}, and its tail mass and "
+            f"draws cannot be re-tempered; train at the cache's τ (leave --temperature unset), capture a cache with "
+            f"`make teacher-logits TEMPERATURE={tau:g}`, or use --kd-target renorm"
+        )
+    return dataclasses.replace(loss, temperature=tau, teacher_temperature=cache_temperature)
 
 
 def resolve_target(target: str, has_samples: bool) -> str:
@@ -58,17 +88,26 @@ def resolve_target(target: str, has_samples: bool) -> str:
     return "sampled" if has_samples else "tail"
 
 
-def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor | None,
-                    tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher probabilities on S and the tail bucket, re-tempered for τ ≠ 1 (`renorm` reads no tail mass:
-    its bucket is then zero)."""
+def check_target(target: str, topk: int, where: object) -> None:
+    """A (resolved) KD target the cache can serve: K = 0 holds draws only."""
+    if topk == 0 and target in ("tail", "renorm"):
+        raise PipelineError(f"{where}: --kd-target {target} needs top-K targets and this cache holds only draws "
+                            "(pure sampling, K = 0); use --kd-target sampled (or auto)")
+
+
+def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor | None, target: str,
+                    cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher weights on S and the tail bucket r, as cached. `renorm` (no bucket) is softmax over S of
+    log p · τ_c/τ: the top K renormalised, and re-tempered exactly when τ ≠ τ_c."""
+    power = cfg.teacher_temperature / cfg.tau
+    if target == "renorm":
+        p = torch.softmax(topk_logprobs.float() * power, -1)
+        return p, torch.zeros_like(p[..., 0])
+    if power != 1.0:
+        raise PipelineError(f"--temperature {cfg.tau:g} with the {target} target on a cache at τ = "
+                            f"{cfg.teacher_temperature:g}: the tail cannot be re-tempered (see resolve_temperature)")
     p = topk_logprobs.float().exp()
     r = tail_mass.float().clamp(min=0.0) if tail_mass is not None else torch.zeros_like(p[..., 0])
-    if tau != 1.0:
-        p = p.pow(1.0 / tau)
-        r = r.pow(1.0 / tau)
-        z = p.sum(-1) + r
-        p, r = p / z[:, None], r / z
     return p, r
 
 
@@ -77,15 +116,15 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     ce = -torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1) if "labels" in t else None
     if cfg.kind == "ce":
         return ce
-    tau = cfg.temperature
+    tau = cfg.tau
     zt = z / tau if tau != 1.0 else z
     lse = torch.logsumexp(zt, -1)
     ids = t["topk_ids"]
     logq_s = zt.gather(-1, ids) - lse[:, None]
     target = resolve_target(cfg.target, "sample_ids" in t)
-    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), tau)
+    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), target, cfg)
     if target == "renorm":
-        kd = -((p / p.sum(-1, keepdim=True)) * logq_s).sum(-1)
+        kd = -(p * logq_s).sum(-1)
     elif target == "sampled":
         logq_u = zt.gather(-1, t["sample_ids"]) - lse[:, None]
         weights = t["sample_counts"].float()
@@ -120,14 +159,13 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
         ce_grad = q1.scatter_add_(-1, labels, torch.full_like(labels, -1.0, dtype=z.dtype))
         if cfg.kind == "ce":
             return ce_rows, ce_grad
-    tau = cfg.temperature
+    tau = cfg.tau
     q = torch.softmax(z / tau if tau != 1.0 else z, -1)
     ids = t["topk_ids"]
     q_s = q.gather(-1, ids)
     target = resolve_target(cfg.target, "sample_ids" in t)
-    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), tau)
+    p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), target, cfg)
     if target == "renorm":
-        p = p / p.sum(-1, keepdim=True)
         rows = -(p * q_s.log()).sum(-1)
         grad = q.scatter_add_(-1, ids, -p)
     elif target == "sampled":

@@ -13,11 +13,16 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import write_json
 from pipeline.model import Gemma2
 from pipeline.tokenizer import Tokenizer
+from pipeline.train import unfinished
 
 
 def merge_models(inputs: list[Path], out: Path, weights: list[float] | None = None) -> None:
     if len(inputs) < 2:
         raise PipelineError("--inputs: merging needs at least two model folders")
+    for path in inputs:
+        reason = unfinished(path)
+        if reason:
+            raise PipelineError(f"--inputs {reason}; only finished models are merged")
     weights = weights or [1.0] * len(inputs)
     if len(weights) != len(inputs) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise PipelineError(f"--weights: need {len(inputs)} non-negative numbers with a positive sum, got {weights}")

@@ -8,7 +8,9 @@ is an identity map.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,9 @@ from pipeline.errors import PipelineError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# config.json fields whose null is kept as None: "no cap" for the soft-caps, as transformers reads them;
+# sliding_window so that __post_init__ refuses it with the reason rather than replacing it by a default.
+NULLABLE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Gemma2Config:
     num_key_value_heads: int
     head_dim: int
     query_pre_attn_scalar: float
-    sliding_window: int = 4096
+    sliding_window: int = 4096  # never None: transformers' Gemma2 cannot run without one (see __post_init__)
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
     attn_logit_softcapping: float | None = 50.0
@@ -63,10 +68,25 @@ class Gemma2Config:
             raise PipelineError("config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise PipelineError(f"config: hidden_activation {self.hidden_activation!r} is not Gemma 2's tanh GELU")
+        if self.sliding_window is None:
+            # transformers 5.x builds the sliding mask for every Gemma 2 model and raises on a null window (even
+            # when no layer slides), so such a model could never be checked against or exported to it.
+            raise PipelineError(
+                "config: sliding_window is null, which transformers' Gemma2 cannot run; for a model without "
+                f"sliding windows keep an integer sliding_window and set every layer_types entry to {FULL!r}"
+            )
+        if self.sliding_window < 1:
+            raise PipelineError(f"config: sliding_window must be >= 1, not {self.sliding_window}")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            if cap is not None and cap <= 0:
+                raise PipelineError(f"config: {name} must be > 0 or null (no cap), not {cap}")
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> Gemma2Config:
-        """Builds a config from a config.json dict; accepts `rope_theta` and newer `rope_parameters`."""
+        """Builds a config from a config.json dict; accepts `rope_theta` and newer `rope_parameters`.
+        JSON null means what transformers makes of it: no cap for the two soft-caps, and an error for
+        `sliding_window` (transformers cannot run it either). Other null fields count as absent."""
         model_type = raw.get("model_type")
         if model_type != "gemma2":
             raise PipelineError(f"config.json: model_type is {model_type!r}, expected 'gemma2'")
@@ -75,7 +95,8 @@ class Gemma2Config:
         rope = raw.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
             raise PipelineError(f"config.json: rope_type {rope.get('rope_type')!r} is not supported (only default)")
-        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw and raw[f.name] is not None}
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls)
+                  if f.name in raw and (raw[f.name] is not None or f.name in NULLABLE)}
         values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
         values["layer_types"] = tuple(raw.get("layer_types") or ())
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -87,7 +108,8 @@ class Gemma2Config:
         return cls(**values)
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json dict that transformers' Gemma2ForCausalLM reads (old and new field names)."""
+        """The config.json dict that transformers' Gemma2ForCausalLM reads (old and new field names); an
+        absent soft-cap is written as null, which transformers reads as no cap."""
         raw = dataclasses.asdict(self)
         raw["layer_types"] = list(self.layer_types)
         raw["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -204,17 +226,27 @@ def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | No
 class AttentionMasks:
     """The masks of one forward pass, built once per distinct window and shared by the layers: a boolean
     [B or 1, T, T] tensor for the math path, a flex_attention BlockMask for the flex path. `doc_ids` [B, T]
-    numbers the documents of each row (None: one document per row, plain causal attention)."""
+    numbers the documents of each row (None: one document per row, plain causal attention). `compiled`:
+    flex_attention and the block masks go through torch.compile (what makes flex fast on a GPU)."""
 
-    def __init__(self, impl: str, length: int, doc_ids: torch.Tensor | None, device: torch.device) -> None:
-        self.impl, self.length, self.doc_ids, self.device = impl, length, doc_ids, device
+    def __init__(self, impl: str, length: int, doc_ids: torch.Tensor | None, device: torch.device,
+                 compiled: bool = False) -> None:
+        self.impl, self.length, self.doc_ids, self.device, self.compiled = impl, length, doc_ids, device, compiled
         self._built: dict[int | None, Any] = {}
 
     def get(self, window: int | None) -> Any:
         if window not in self._built:
-            build = _block_mask if self.impl == "flex" else self._dense
-            self._built[window] = build(self.length, window, self.doc_ids, self.device)
+            if self.impl == "flex":
+                self._built[window] = make_block_mask(self.length, window, self.doc_ids, self.device, self.compiled)
+            else:
+                self._built[window] = self._dense(self.length, window, self.doc_ids, self.device)
         return self._built[window]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None,
+               window: int | None) -> torch.Tensor:
+        if self.impl == "flex":
+            return flex_attention_path(q, k, v, scale, cap, self.get(window), self.compiled)
+        return math_attention(q, k, v, scale, cap, self.get(window))
 
     @staticmethod
     def _dense(length: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -240,49 +272,75 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return torch.matmul(probs, v).view(b, nh, t, d)
 
 
-_FLEX_CACHE: dict[tuple[Any, ...], Any] = {}
+# What torch.compile sees must not change from layer to layer or step to step, or it recompiles: one
+# compiled flex_attention and one compiled create_block_mask per process, one score_mod per cap value.
+# Graphs then number (layer kinds) × (shapes), whatever the depth or the number of steps.
+_COMPILED: dict[str, Callable[..., Any]] = {}
+_CAUSAL_MASKS: dict[tuple[Any, ...], Any] = {}
 
 
-def _flex_fn(compiled: bool) -> Any:
-    from torch.nn.attention.flex_attention import flex_attention
+def _compiled(name: str) -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if not compiled:
-        return flex_attention
-    if "compiled" not in _FLEX_CACHE:
-        _FLEX_CACHE["compiled"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_CACHE["compiled"]
+    if not _COMPILED:
+        # dynamic=False: kernels specialised to each shape; training repeats one shape (and eval another).
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+        # Compiled, a document block mask is built in one fused pass instead of materialising the [B, T, T]
+        # mask and its index grids: at B=8, T=4096 on the CPU 0.15 s per mask against 1.1 s and 1.4 GB of
+        # temporaries eager (benchmarks/gpu_checks.py measures it on the GPU). torchtitan does the same.
+        _COMPILED["block_mask"] = torch.compile(create_block_mask)
+    return _COMPILED[name]
 
 
-def _block_mask(length: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device) -> Any:
-    """The causal / sliding-window (/ document) structure as a BlockMask, so masked blocks are skipped.
-    Without documents it depends only on (length, window) and is cached."""
-    from torch.nn.attention.flex_attention import create_block_mask
+@functools.cache
+def softcap_score_mod(cap: float) -> Callable[..., torch.Tensor]:
+    """flex_attention's score_mod for one cap value, the same function object for every layer and step."""
 
-    if doc_ids is None:
-        key = ("mask", length, window, str(device))
-        if key not in _FLEX_CACHE:
+    def score_mod(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+        return cap * torch.tanh(score / cap)
 
-            def causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-                return attention_allowed(q_idx, kv_idx, window)
+    return score_mod
 
-            _FLEX_CACHE[key] = create_block_mask(causal, None, None, length, length, device=device)
-        return _FLEX_CACHE[key]
+
+def document_mask_mod(doc_ids: torch.Tensor, window: int | None) -> Callable[..., torch.Tensor]:
+    """The mask_mod of document-masked rows: same code for every call, only the captured ids change."""
 
     def documents(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return attention_allowed(q_idx, kv_idx, window, doc_ids[b, q_idx], doc_ids[b, kv_idx])
 
-    return create_block_mask(documents, doc_ids.shape[0], None, length, length, device=device)
+    return documents
+
+
+def causal_mask_mod(window: int | None) -> Callable[..., torch.Tensor]:
+    def causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return attention_allowed(q_idx, kv_idx, window)
+
+    return causal
+
+
+def make_block_mask(length: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device,
+                    compiled: bool) -> Any:
+    """The causal / sliding-window (/ document) structure as a BlockMask, so masked blocks are skipped.
+    Without documents it depends only on (length, window) and is cached."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    create = _compiled("block_mask") if compiled else create_block_mask
+    if doc_ids is None:
+        key = (length, window, str(device))
+        if key not in _CAUSAL_MASKS:
+            _CAUSAL_MASKS[key] = create(causal_mask_mod(window), None, None, length, length, device=device)
+        return _CAUSAL_MASKS[key]
+    return create(document_mask_mod(doc_ids, window), doc_ids.shape[0], None, length, length, device=device)
 
 
 def flex_attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None,
-                        block_mask: Any) -> torch.Tensor:
-    """The CUDA fast path: the soft-cap lives in the score_mod (flex applies it after the scale and before
-    the mask); the mask structure is in the block mask."""
+                        block_mask: Any, compiled: bool) -> torch.Tensor:
+    """The GPU fast path: the soft-cap lives in the score_mod (flex applies it after the scale and before
+    the mask); the mask structure is in the block mask. q, k and v must share one dtype."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    def score_mod(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
-        return score if cap is None else cap * torch.tanh(score / cap)
-
-    flex = _flex_fn(compiled=q.is_cuda)
+    flex = _compiled("flex") if compiled else flex_attention
+    score_mod = None if cap is None else softcap_score_mod(cap)
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
@@ -316,15 +374,20 @@ class Attention(nn.Module):
         self.cap = cfg.attn_logit_softcapping
         self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
 
+    def window_at(self, length: int) -> int | None:
+        """The window this layer applies to rows of `length` tokens: none when every key fits in it."""
+        return self.window if self.window is not None and self.window < length else None
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.nh, self.d).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.nk, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        window = self.window if self.window is not None and self.window < t else None
-        attend = flex_attention_path if masks.impl == "flex" else math_attention
-        out = attend(q, k, v, self.scale, self.cap, masks.get(window))
+        # RoPE in the tables' dtype, then one rounding to v's: under autocast the tables are float32 (the
+        # residual stream is) while the projections are bf16, and flex_attention wants q, k, v in one dtype.
+        # transformers' eager path under autocast rounds the same way, in its matmul.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        out = masks.attend(q, k, v, self.scale, self.cap, self.window_at(t))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.nh * self.d))
 
 
@@ -371,14 +434,17 @@ class Gemma2Body(nn.Module):
 
 class Gemma2(nn.Module):
     """Gemma 2 causal LM with a tied head. `attn_implementation`: "auto" (flex on CUDA, math elsewhere),
-    "math" or "flex"."""
+    "math" or "flex". `compile_flex`: whether flex runs through torch.compile; None compiles on CUDA only,
+    where uncompiled flex would materialise every score. On the CPU flex (compiled or not) has no backward,
+    so it serves inference there, and compile_flex=True runs the CUDA path's compiled kernels forward."""
 
-    def __init__(self, cfg: Gemma2Config, attn_implementation: str = "auto") -> None:
+    def __init__(self, cfg: Gemma2Config, attn_implementation: str = "auto", compile_flex: bool | None = None) -> None:
         super().__init__()
         if attn_implementation not in ("auto", "math", "flex"):
             raise PipelineError(f"attn_implementation must be auto, math or flex, not {attn_implementation!r}")
         self.config = cfg
         self.attn_implementation = attn_implementation
+        self.compile_flex = compile_flex
         self.model = Gemma2Body(cfg)
         self.gradient_checkpointing = False
 
@@ -398,10 +464,13 @@ class Gemma2(nn.Module):
                 gen = gen or torch.Generator(device=p.device).manual_seed(seed)
                 p.copy_(torch.randn(p.shape, generator=gen, device=p.device) * self.config.initializer_range)
 
-    def _impl(self, device: torch.device) -> str:
-        if self.attn_implementation == "auto":
-            return "flex" if device.type == "cuda" else "math"
-        return self.attn_implementation
+    def masks(self, length: int, doc_ids: torch.Tensor | None, device: torch.device) -> AttentionMasks:
+        """The attention path and masks of one forward on `device`."""
+        impl = self.attn_implementation
+        if impl == "auto":
+            impl = "flex" if device.type == "cuda" else "math"
+        compiled = device.type == "cuda" if self.compile_flex is None else self.compile_flex
+        return AttentionMasks(impl, length, doc_ids, device, compiled=impl == "flex" and compiled)
 
     def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after the last norm, [B, T, H]; the head is left to the caller so the
@@ -413,7 +482,12 @@ class Gemma2(nn.Module):
         # sqrt(H) is rounded to the activation dtype before the multiply (bf16: 48.0 for the 2B).
         x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype)
         cos, sin = rope_cos_sin(torch.arange(input_ids.shape[1], device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
-        masks = AttentionMasks(self._impl(x.device), input_ids.shape[1], doc_ids, x.device)
+        masks = self.masks(input_ids.shape[1], doc_ids, x.device)
+        if masks.impl == "flex" and x.device.type != "cuda" and x.requires_grad:
+            raise PipelineError("flex attention has no backward on the CPU (compiled or not, torch "
+                                f"{torch.__version__}); train there with attn_implementation 'auto' or 'math'")
+        for window in {layer.self_attn.window_at(input_ids.shape[1]) for layer in self.model.layers}:
+            masks.get(window)  # built here, outside the checkpointed layers, once per distinct window
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)

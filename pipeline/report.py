@@ -7,23 +7,26 @@ Writes report/report.md, report/summary.json (one object per model) and report/v
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.checkpoint import load_config, load_model
+from pipeline.checkpoint import load_config, load_model, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import read_json, sha256_file, write_json
+from pipeline.fsutil import cached_sha256, read_json, write_json
 from pipeline.layout import Layout
+from pipeline.train import unfinished
 from schemas.common import to_json
-from schemas.logits import MODE_COLUMNS
+from schemas.logits import MODE_COLUMNS, TOPK_COLUMNS, WINDOW
 from schemas.manifest import Manifest, read_manifest
 from schemas.run_config import read_run_config
 
 TARGET_GAP = 0.08  # the Gemma 2 report's order of magnitude: distilled ≥ 8% lower perplexity
+COMPACT_TARGET = 0.02  # a student from a compact cache: val CE within 2% of its twin's from the main cache
 KD_MODES = ("renorm", "tail", "sampled")
 
 
@@ -44,9 +47,10 @@ class Paths:
 def cached_eval(model_dir: Path, val: Path) -> dict[str, float]:
     """Evaluates a model folder on the val cache once; the result is kept beside the weights, keyed by the
     weights' and the cache's hashes."""
-    key = {"weights": sha256_file(model_dir / "model.safetensors"),
-           "val": [s.sha256 for s in read_manifest(val, "logits").shards]}
     path = model_dir / "eval.json"
+    # Single or sharded weights; their hashes remembered beside the result, so a rerun reads no weights.
+    key = {"weights": model_fingerprint(model_dir, file_hash=cached_sha256(model_dir / ".eval_hashes.json")),
+           "val": [s.sha256 for s in read_manifest(val, "logits").shards]}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
@@ -69,9 +73,13 @@ def cache_bytes_per_token(split: Path) -> dict[str, float]:
                 top = col.path_in_schema.split(".")[0]
                 sizes[top] = sizes.get(top, 0) + col.total_compressed_size
     tokens = max(1, manifest.tokens)
-    # input_ids excluded: the tokens are stored anyway; what a mode costs is its target columns.
-    out = {mode: sum(sizes.get(c, 0) for c in MODE_COLUMNS[mode][1:]) / tokens for mode in KD_MODES
-           if all(c in sizes for c in MODE_COLUMNS[mode][1:])}
+    # The window columns excluded (the tokens are stored anyway, the label mask derived): what a mode costs is
+    # its target columns, those the cache has (a pure-sampling cache has no top K).
+    empty = TOPK_COLUMNS if manifest.meta.topk == 0 else ()
+    modes = ("sampled",) if manifest.meta.topk == 0 else KD_MODES  # tail and renorm need a top K
+    needed = {mode: [c for c in MODE_COLUMNS[mode] if c not in WINDOW and c not in empty] for mode in modes}
+    out = {mode: sum(sizes.get(c, 0) for c in columns) / tokens for mode, columns in needed.items()
+           if columns and all(c in sizes for c in columns)}
     out["file"] = sum(s.bytes for s in manifest.shards) / tokens
     return out
 
@@ -95,14 +103,23 @@ def curve(folder: Path) -> list[tuple[int, float]]:
 def collect(paths: Paths) -> list[dict[str, Any]]:
     val = paths.cache / "val"
     rows: list[dict[str, Any]] = []
-    if (paths.teacher / "config.json").is_file():
+    teacher_unfinished = unfinished(paths.teacher)
+    if (paths.teacher / "config.json").is_file() and teacher_unfinished:
+        print(f"skipping the teacher: {teacher_unfinished}", file=sys.stderr)
+    elif (paths.teacher / "config.json").is_file():
         m = cached_eval(paths.teacher, val)
         trained_here = (paths.teacher / "run_config.json").is_file()  # the demo teacher; a real one is not
         spec = read_run_config(paths.teacher).student if trained_here else ""
         final = _final_metrics(paths.teacher) if (paths.teacher / "metrics.jsonl").is_file() else {}
         rows.append(_row("teacher", load_config(paths.teacher).num_parameters(), "teacher", "-",
                          final.get("tokens"), m, final.get("wall_s"), spec))
-    for folder in sorted(p.parent for p in paths.students.glob("*/config.json")):
+    # Folders with a model, and those a training has started in (reported as skipped until finished).
+    folders = {p.parent for pattern in ("*/config.json", "*/run_config.json") for p in paths.students.glob(pattern)}
+    for folder in sorted(folders):
+        reason = unfinished(folder)
+        if reason:
+            print(f"skipping {reason}", file=sys.stderr)
+            continue
         params = load_config(folder).num_parameters()
         if (folder / "merge_config.json").is_file():
             merge = read_json(folder / "merge_config.json", "the merge settings")
@@ -112,9 +129,35 @@ def collect(paths: Paths) -> list[dict[str, Any]]:
         run = read_run_config(folder)
         final = _final_metrics(folder)
         mode = run.loss["target"] if run.loss["kind"] == "kd" else "-"
-        rows.append(_row(folder.name, params, run.loss["kind"], mode, final["tokens"], final, final["wall_s"],
-                         run.student, seed=run.train["seed"], lr=run.optim["lr"]))
+        data = Path(run.data)
+        metrics = final
+        if data.resolve() != paths.cache.resolve() and (data / "train").is_dir():
+            # Trained from another cache (e.g. the compact one): evaluated on the main val cache like the rest.
+            metrics = {**final, **cached_eval(folder, val)}
+        rows.append(_row(folder.name, params, run.loss["kind"], mode, final["tokens"], metrics, final["wall_s"],
+                         run.student, seed=run.train["seed"], lr=run.optim["lr"], cache=data.name,
+                         select=run.train.get("select") or None, selected=_selection(folder),
+                         target_bytes_per_token=_target_bytes(data) if run.loss["kind"] == "kd" else None))
     return rows
+
+
+def _selection(folder: Path) -> dict[str, Any] | None:
+    """The resolved data selection a run logged (metrics.jsonl), if any."""
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        if '"selection"' in line:
+            return json.loads(line)["selection"]
+    return None
+
+
+def _target_bytes(cache: Path) -> float | None:
+    """Compressed bytes of a cache's target columns per token (its manifest's; computed for older ones)."""
+    try:
+        manifest = read_manifest(cache / "train", "logits")
+    except PipelineError:
+        return None
+    if manifest.stats.target_bytes_per_token is not None:
+        return manifest.stats.target_bytes_per_token
+    return max((v for k, v in cache_bytes_per_token(cache / "train").items() if k != "file"), default=None)
 
 
 def _row(name: str, params: int, loss: str, cache_mode: str, tokens: int | None, m: dict[str, Any],
@@ -146,26 +189,43 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[str, float], machine: str) -> str:
+def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[str, float], machine: str,
+             cache_name: str = "logits") -> str:
     lines = ["# Distillation report", "", f"Machine: {machine}", ""]
     stats = cache.stats
-    lines += [f"Teacher cache: top-{cache.meta.topk}, {cache.meta.samples} tail draws per position, "
-              f"{cache.tokens:,} train positions; {stats.bytes_per_token:.1f} bytes/token on disk, mean tail mass "
-              f"{stats.mean_tail_mass:.3f}, mean teacher entropy {stats.mean_teacher_entropy:.3f} nats.", ""]
-    head = ["model", "params", "tokens", "loss", "cache mode", "val CE", "val ppl", "KL to teacher", "top-1 agree",
+    meta = cache.meta
+    encoding = (f" ({meta.id_coding} ids, {meta.logprob_coding} log-probs, {meta.sampling} draws; "
+                f"{stats.target_bytes_per_token:.1f} bytes/token of target columns)"
+                if stats.target_bytes_per_token is not None else "")
+    loss = f", mean teacher loss {stats.mean_teacher_loss:.3f} nats" if stats.mean_teacher_loss is not None else ""
+    lines += [f"Teacher cache: top-{meta.topk}, {meta.samples} tail draws per position, "
+              f"{cache.tokens:,} train positions{encoding}; {stats.bytes_per_token:.1f} bytes/token on disk, mean tail "
+              f"mass {stats.mean_tail_mass:.3f}, mean teacher entropy {stats.mean_teacher_entropy:.3f} nats{loss}.", ""]
+    chat = cache.meta.format == "chat"
+    if chat:  # only model turns train and are evaluated: every metric is over the response tokens
+        share = (f" ({stats.positions:,} of {cache.tokens:,} train positions; "
+                 f"{sum(s.bytes for s in cache.shards) / max(1, stats.positions):.1f} bytes per response token on "
+                 "disk)") if stats.positions else ""
+        lines += [f"Chat cache: only the model turns' tokens train and are evaluated{share}. CE and perplexity are "
+                  "response-token CE and perplexity.", ""]
+    what = "response " if chat else "val "
+    head = ["model", "params", "tokens", "loss", "cache mode", what + "CE", what + "ppl", "KL to teacher", "top-1 agree",
             "ECE", "wall s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(x) for x in (
             r["name"], r["parameters"], r["training_tokens"], r["loss_mode"], r["cache_mode"], r["val_ce"], r["val_ppl"],
             r["kl_to_teacher"], r["top1_agreement"], r["ece"], r["wall_s"] and _fmt(r["wall_s"], 1))) + " |")
-    lines += ["", "## Distilled vs from scratch (same windows, same token budget)", ""]
+    lines += ["", "## Distilled vs " + ("hard labels (same start, same windows, same token budget)" if chat else
+                                        "from scratch (same windows, same token budget)"), ""]
     for kd, ce in pairs(rows):
         gap = (ce["val_ppl"] - kd["val_ppl"]) / ce["val_ppl"]
         verdict = "meets" if gap >= TARGET_GAP else "misses"
-        lines.append(f"- {kd['student']}: KD ({kd['cache_mode']}) perplexity {kd['val_ppl']:.2f} vs CE {ce['val_ppl']:.2f}: "
+        lines.append(f"- {kd['student']}: KD ({kd['cache_mode']}) {'response-token ' if chat else ''}perplexity "
+                     f"{kd['val_ppl']:.2f} vs CE {ce['val_ppl']:.2f}: "
                      f"{100 * gap:.1f}% lower ({verdict} the {100 * TARGET_GAP:.0f}% target)")
-    modes = [r for r in rows if r["loss_mode"] == "kd"]
+    # The main cache's modes; runs from other caches or with a data selection have their own sections.
+    modes = [r for r in rows if r["loss_mode"] == "kd" and r.get("cache") == cache_name and not r.get("select")]
     by_student: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in modes:
         by_student.setdefault((r["student"], r["seed"], r["training_tokens"]), []).append(r)
@@ -180,6 +240,7 @@ def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[s
                              f"{r['val_ppl']:.2f} | {_fmt(r['kl_to_teacher'])} | {r['ece']:.4f} |")
         lines += ["", "bytes/token counts the compressed target columns only (input_ids excluded: the tokens are "
                   "stored anyway)."]
+    lines += findings_section(rows, cache_name)
     merged = [r for r in rows if r["loss_mode"] == "merged"]
     if merged:
         lines += ["", "## Model merging", ""]
@@ -188,6 +249,48 @@ def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[s
             lines.append(f"- {r['name']} (average of {', '.join(p['name'] for p in parts)}): perplexity "
                          f"{r['val_ppl']:.2f}; parts " + ", ".join(f"{p['val_ppl']:.2f}" for p in parts))
     return "\n".join(lines) + "\n"
+
+
+def twin(r: dict[str, Any], rows: list[dict[str, Any]], cache_name: str) -> dict[str, Any] | None:
+    """The same student, seed, learning rate, budget and KD target on the main cache without a selection."""
+    same = [o for o in rows if o is not r and o["loss_mode"] == "kd" and o.get("cache") == cache_name
+            and not o.get("select") and all(o.get(k) == r.get(k) for k in ("student", "seed", "lr", "training_tokens"))
+            and o["cache_mode"] == r["cache_mode"]]
+    return same[0] if same else None
+
+
+def findings(rows: list[dict[str, Any]], cache_name: str) -> list[str]:
+    """One line per compact-cache run and per data-selection run, against its twin on the main cache, with a
+    verdict (val CE on the same val split; lower is better)."""
+    out = []
+    for r in rows:
+        if r["loss_mode"] != "kd":
+            continue
+        base = twin(r, rows, cache_name)
+        if base is None:
+            continue
+        change = (r["val_ce"] - base["val_ce"]) / base["val_ce"]
+        if r.get("cache") != cache_name and not r.get("select"):
+            verdict = "within" if change <= COMPACT_TARGET else "outside"
+            out.append(f"{r['name']} (cache {r['cache']}, {_fmt(r.get('target_bytes_per_token'), 1)} bytes/token) vs "
+                       f"{base['name']} ({base['cache']}, {_fmt(base.get('target_bytes_per_token'), 1)} bytes/token): "
+                       f"val CE {r['val_ce']:.4f} vs {base['val_ce']:.4f}, {100 * change:+.2f}% ({verdict} the "
+                       f"{100 * COMPACT_TARGET:.0f}% target)")
+        elif r.get("select") and r.get("cache") == cache_name:
+            kept = (r.get("selected") or {}).get("expected_kept")
+            helped = "helped" if r["val_ce"] < base["val_ce"] else "did not help"
+            share = f", keeping {100 * kept:.0f}% of the {r['selected']['unit']}" if kept is not None else ""
+            out.append(f"{r['name']} (--select {r['select']}{share}; same token budget) vs {base['name']}: val CE "
+                       f"{r['val_ce']:.4f} vs {base['val_ce']:.4f} ({100 * change:+.2f}%): the selection {helped} "
+                       f"(KL to teacher {_fmt(r.get('kl_to_teacher'))} vs {_fmt(base.get('kl_to_teacher'))}; one seed, "
+                       "so a difference this size may be noise)")
+    return out
+
+
+def findings_section(rows: list[dict[str, Any]], cache_name: str) -> list[str]:
+    lines = findings(rows, cache_name)
+    return ["", "## Compact cache and data selection (against the same student on the main cache)", "",
+            *(f"- {line}" for line in lines)] if lines else []
 
 
 def plot(rows: list[dict[str, Any]], paths: Paths, path: Path) -> None:
@@ -223,9 +326,11 @@ def build_report(paths: Paths, machine: str = "") -> dict[str, Any]:
         raise PipelineError(f"{paths.students}: no teacher or students to report on; run `make teacher` / "
                             "`make train-student`")
     paths.out.mkdir(parents=True, exist_ok=True)
-    (paths.out / "report.md").write_text(markdown(rows, cache, bytes_per_mode, machine or _machine()))
-    write_json(paths.out / "summary.json", {"models": rows, "cache": {"bytes_per_mode": bytes_per_mode,
-                                                                        **to_json(cache.stats)}})
+    name = paths.cache.name
+    (paths.out / "report.md").write_text(markdown(rows, cache, bytes_per_mode, machine or _machine(), name))
+    stats = {k: v for k, v in to_json(cache.stats).items() if k != "histograms"}
+    write_json(paths.out / "summary.json", {"models": rows, "cache": {"bytes_per_mode": bytes_per_mode, **stats},
+                                            "findings": findings(rows, name)})
     plot(rows, paths, paths.out / "val_loss.png")
     return {"models": rows}
 

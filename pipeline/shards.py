@@ -46,13 +46,14 @@ class ShardWriter:
     """Writes one shard; the final name appears only when every row is on disk."""
 
     def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int, background: bool = False,
-                 level: int = 3) -> None:
+                 level: int = 3, options: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.schema = schema
         self.group = rows_per_group
         self.tmp = tmp_name(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.tmp, schema, **parquet_options(schema, level))
+        # `options`: a caller's own Parquet options (the logit cache's: schemas.logits.write_options).
+        self.writer = pq.ParquetWriter(self.tmp, schema, **(options or parquet_options(schema, level)))
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0

@@ -1,5 +1,7 @@
 """SentencePiece tokenizer with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), so a tokenizer we train
-and a real Gemma 2 `tokenizer.model` go through the same code."""
+and a real Gemma 2 `tokenizer.model` go through the same code. Chat data needs Gemma's turn markers
+`<start_of_turn>` / `<end_of_turn>` as single pieces that the text itself produces (ids 106/107 in
+gemma-2, user-defined pieces there); a tokenizer trained here has them as user-defined symbols too."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sentencepiece as spm
 from pipeline.errors import PipelineError
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 
 
 class Tokenizer:
@@ -38,7 +41,8 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, max_chars: int = 20_000_000) -> Tokenizer:
         """Trains a BPE model with byte fallback and split digits, as Gemma's; whitespace is kept verbatim
-        (code depends on it). Only the first `max_chars` characters are used."""
+        (code depends on it) and, as in Gemma's, no dummy-prefix space is added at the start of a text.
+        The chat turn markers are user-defined symbols. Only the first `max_chars` characters are used."""
         proto = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -53,7 +57,8 @@ class Tokenizer:
                 remove_extra_whitespaces=False,
                 allow_whitespace_only_pieces=True,
                 split_by_whitespace=True,
-                user_defined_symbols=["\n", "\t"],
+                add_dummy_prefix=False,
+                user_defined_symbols=["\n", "\t", START_OF_TURN, END_OF_TURN],
                 max_sentence_length=16384,
                 character_coverage=0.9995,
                 num_threads=2,
@@ -71,6 +76,21 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the serialized model: two tokenizers with equal vocab size can still differ."""
         return hashlib.sha256(self.proto).hexdigest()
+
+    def chat_ids(self) -> tuple[int, int]:
+        """The ids of `<start_of_turn>` and `<end_of_turn>`, checked to be single pieces that encoding text
+        produces (a control piece never comes out of text; a missing one is spelled in bytes)."""
+        ids = []
+        for marker in (START_OF_TURN, END_OF_TURN):
+            token = self.sp.piece_to_id(marker)
+            if token == UNK or self.sp.is_control(token) or self.sp.encode("a" + marker + "b").count(token) != 1:
+                raise PipelineError(
+                    f"{self.source}: {marker} is not a piece that text encodes to (Gemma's tokenizer has it as "
+                    "id 106/107); FORMAT=chat needs the teacher's Gemma tokenizer or one trained here since chat "
+                    "support (retrain an older one: `make tokens teacher`)"
+                )
+            ids.append(token)
+        return ids[0], ids[1]
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

@@ -1,44 +1,64 @@
 """Stage two: train one student (or the demo teacher) from cached teacher targets or plain token shards.
 
-accelerate places the model and runs data-parallel (DDP) under `accelerate launch`/torchrun; bf16 autocast on
-a GPU. The reader splits rows across ranks itself, so N processes see what one process with N× the batch
-sees. A checkpoint (weights, AdamW moments, step, reader cursor, RNG) is written atomically every
-`save_every` steps; a resumed run continues to the same final weights as an uninterrupted one.
+Data-parallel with torch's own tools (`pipeline.parallel`): DDP, or FSDP2 for students that do not fit one
+GPU, under `torchrun`/`accelerate launch` (both set the environment `Runtime.from_env` reads); bf16 autocast
+on a GPU. The model is built on the meta device and materialised where it trains (sharded under FSDP). The
+reader splits rows across ranks itself, so N processes see what one process with N× the batch sees.
 
-Output folder: a Hugging Face Gemma 2 directory (config.json, model.safetensors, tokenizer.model) plus
-`checkpoint/`, `metrics.jsonl` and `run_config.json` (the resolved settings).
+Checkpoints (weights, AdamW moments, step, reader cursor, RNG; safetensors + JSON, nothing pickled) go to
+`checkpoint/step-N/`, one file per rank under FSDP (its shards) and one under DDP; `checkpoint/latest.json`
+names the complete one and is replaced atomically, older folders are deleted after, so a complete checkpoint
+exists at every instant. A resumed run continues to the same final weights as an uninterrupted one (same
+number of processes). A step whose loss or gradient norm is not finite is skipped; `max_bad_steps` of them
+in a row stop the run with the last good checkpoint kept.
+
+Output folder: a Hugging Face Gemma 2 directory (config.json, model.safetensors or sharded files,
+tokenizer.model) written after the final evaluation, `checkpoint/`, `metrics.jsonl`, `run_config.json` (the
+resolved settings) and, last of all, `finished.json`: only a folder with it is a finished model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.checkpoint import load_model, save_model
+from pipeline import parallel
+from pipeline.checkpoint import IGNORED_KEYS, INDEX, SINGLE, load_config, save_model, weight_files
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_path, read_json
-from pipeline.losses import LossConfig, chunked_loss, resolve_target
+from pipeline.fsutil import atomic_path, read_json, write_json
+from pipeline.losses import LossConfig, check_target, chunked_loss, resolve_target, resolve_temperature
 from pipeline.model import Gemma2, Gemma2Config, preset
+from pipeline.parallel import SHARDINGS
 from pipeline.progress import progress
 from pipeline.reader import Cursor, ReaderConfig, ShardStream, open_split
-from pipeline.runtime import PRECISIONS, Runtime
+from pipeline.runtime import PRECISIONS, Runtime, autocast, autocast_dtype
+from pipeline.select import HELP as SELECT_HELP
+from pipeline.select import Selection, Thresholds
+from pipeline.select import resolve as resolve_selection
 from pipeline.settings import setting
 from pipeline.tokenizer import Tokenizer
+from pipeline.verify import check_same_cache
 from schemas.logits import MODE_COLUMNS, LogitsMeta, to_torch
 from schemas.manifest import Manifest
-from schemas.run_config import DataRef, RunConfig, read_run_config, write_run_config
+from schemas.run_config import RUN_CONFIG, DataRef, RunConfig, read_run_config, write_run_config
 from schemas.tokens import document_ids
+
+FINISHED = "finished.json"  # written last: the final metrics, and the sign that the folder is a finished model
+LATEST = "latest.json"  # checkpoint/latest.json: which checkpoint/step-N/ folder is the complete one
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,7 @@ class OptimConfig:
     lr: float = setting(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = setting(0.1, "the cosine schedule ends at lr × this")
     warmup_steps: int = setting(20, "linear warm-up steps")
+    warmup_fraction: float = setting(0.0, "warm-up as a fraction of the run's steps (overrides --warmup-steps when > 0)")
     weight_decay: float = setting(0.1, "AdamW weight decay (not on norms)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
@@ -57,32 +78,34 @@ class TrainConfig:
     max_tokens: int = setting(400_000, "training tokens per model")
     batch_size: int = setting(16, "windows per process per micro-step")
     grad_accum: int = setting(1, "micro-steps per optimizer step")
+    batch_tokens: int = setting(0, "tokens per optimizer step over all processes; sets --grad-accum from the number "
+                                   "of processes (0: batch size × processes × grad accum × SEQ_LEN)")
     eval_every: int = setting(0, "steps between validation passes (0: only at the end)")
-    eval_windows: int = setting(256, "val windows in the periodic passes (the final one uses all)")
-    save_every: int = setting(50, "steps between checkpoints")
+    eval_windows: int = setting(256, "val windows per validation pass, periodic and final (0: all)")
+    save_every: int = setting(0, "steps between checkpoints (0: off)")
+    save_every_tokens: int = setting(0, "training tokens between checkpoints (0: off)")
+    save_every_minutes: float = setting(30.0, "minutes of training between checkpoints (0: off)")
     log_every: int = setting(10, "steps between metrics.jsonl lines")
     seed: int = setting(0, "initialisation and data-order seed")
-    shuffle_rows: int = setting(4096, "rows permuted together by the reader (its shuffle buffer)")
+    shuffle_tokens: int = setting(1 << 21, "tokens the reader shuffles together; its memory is about this many tokens "
+                                           "of the cache's columns, whatever SEQ_LEN")
+    sharding: str = setting("ddp", "ddp: a full replica per process; fsdp: parameters, gradients and AdamW states "
+                                   "sharded over the processes (for students that do not fit one GPU)", choices=SHARDINGS)
+    max_bad_steps: int = setting(3, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                    "(each one is skipped)")
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations in the backward pass")
     precision: str = setting("auto", "auto: bf16 autocast on a GPU, fp32 on the CPU (bf16 also speeds up CPUs with "
                                      "AVX512-BF16/AMX)", choices=PRECISIONS)
     init_from: str = setting("", "start from this HF model folder's weights (same config) instead of a random init")
-
-
-def mixed_precision(precision: str) -> str:
-    """accelerate's name for the autocast dtype of --precision."""
-    if precision not in PRECISIONS:
-        raise PipelineError(f"--precision {precision!r}: use auto, fp32 or bf16")
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return "no" if precision == "fp32" else "bf16"
+    select: str = setting("", SELECT_HELP)
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio · lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress_ = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    """Linear warmup (--warmup-steps, or --warmup-fraction of the run), then cosine decay to min_lr_ratio · lr."""
+    warmup = max(1, round(cfg.warmup_fraction * total)) if cfg.warmup_fraction > 0 else cfg.warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
 
 
@@ -119,16 +142,21 @@ def loss_columns(loss: LossConfig) -> tuple[str, ...]:
 
 
 class StudentWithLoss(nn.Module):
-    """The model and its loss in one forward, so DDP sees one module and its gradient hooks fire once.
-    Documents are masked by their `<bos>`; only positions whose label trains (`label_mask`) enter the
-    loss, which is their summed loss over `denominator`."""
+    """The model and its loss in one forward, so DDP/FSDP see one module: gradient hooks fire once, and
+    FSDP gathers the root's parameters (the tied embedding, which the loss also uses as the head) for the
+    whole forward and backward. Documents are masked by their `<bos>`; only positions whose label trains
+    (`label_mask`) enter the loss, which is their summed loss over `denominator`. With `evaluate`, the
+    forward runs `evaluate(model, batch)` instead, so evaluation goes through the same wrapping."""
 
     def __init__(self, model: Gemma2, loss: LossConfig) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.targets = [c for c in loss_columns(loss) if c not in ("input_ids", "label_mask")]
 
-    def forward(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor | None,
+                evaluate: Callable[[Gemma2, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+        if evaluate is not None:
+            return evaluate(self.model, batch)
         ids = batch["input_ids"]
         inputs = ids[:, :-1]
         hidden = self.model.hidden_states(inputs, document_ids(inputs))
@@ -140,32 +168,112 @@ class StudentWithLoss(nn.Module):
                             self.model.config.final_logit_softcapping, targets, self.loss, denominator)
 
 
+def grad_accum_for(cfg: TrainConfig, world: int, seq_len: int) -> int:
+    """Micro-steps per optimizer step: --grad-accum, or what makes --batch-tokens exact on `world` processes."""
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise PipelineError(f"--batch-size {cfg.batch_size} and --grad-accum {cfg.grad_accum} must be at least 1")
+    if not cfg.batch_tokens:
+        return cfg.grad_accum
+    micro = cfg.batch_size * world * seq_len
+    if cfg.batch_tokens % micro:
+        raise PipelineError(
+            f"--batch-tokens {cfg.batch_tokens} is not a multiple of batch size {cfg.batch_size} × {world} processes × "
+            f"SEQ_LEN {seq_len} = {micro}; use {max(1, round(cfg.batch_tokens / micro)) * micro}"
+        )
+    return cfg.batch_tokens // micro
+
+
+# --- finished models --------------------------------------------------------------------------------
+
+
+def unfinished(folder: Path) -> str | None:
+    """Why a model folder that train-student made is not a finished model (None when it is, or when the
+    folder was not made by training here: a merged model, a downloaded one)."""
+    if (folder / RUN_CONFIG).is_file() and not (folder / FINISHED).is_file():
+        return (f"{folder}: its training has not finished (no {FINISHED}); rerun the same train-student command "
+                "to complete it")
+    return None
+
+
+def _start_fresh(out: Path, config: RunConfig) -> None:
+    """A new run in `out`: nothing of an earlier one may be taken for it, or resumed later."""
+    (out / FINISHED).unlink(missing_ok=True)  # first: the folder must not look finished for a moment longer
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    (out / "config.json").unlink(missing_ok=True)  # an old export is no model of the new settings
+    for old in [out / SINGLE, out / INDEX, *out.glob("model-*-of-*.safetensors"), out / "metrics.jsonl"]:
+        old.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, config)
+
+
 # --- checkpoint of the training state (safetensors + JSON; nothing pickled) ---------------------------
 
 
-def save_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    with atomic_path(folder) as tmp:
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=2) + "\n")
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint folder that checkpoint/latest.json names, if any."""
+    pointer = out / "checkpoint" / LATEST
+    if not pointer.is_file():
+        return None
+    folder = out / "checkpoint" / read_json(pointer, "the checkpoint pointer")["folder"]
+    if not (folder / "state.json").is_file():
+        raise PipelineError(f"{pointer} names {folder}, which is incomplete; the checkpoint was damaged after it "
+                            "was written: rerun with --no-resume")
+    return folder
 
 
-def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    state = read_json(folder / "state.json", "the training checkpoint is incomplete; rerun without --resume")
-    device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in load_file(folder / "model.safetensors").items()})
-    tensors = load_file(folder / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
+def _rank_file(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def save_state(folder: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+               runtime: Runtime, sharded: bool) -> None:
+    """This rank's part of the weights and AdamW states into `folder`: its shards under FSDP, everything on
+    rank 0 otherwise (the replicas are equal)."""
+    if not (sharded or runtime.is_main):
+        return
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    for name, p in params:
+        tensors[f"param/{name}"] = parallel.local(p.detach())
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"{key}/{name}"] = parallel.local(value)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+              folder / _rank_file(runtime.rank if sharded else 0, runtime.world if sharded else 1))
+
+
+def load_state(folder: Path, state: dict[str, Any], params: list[tuple[str, nn.Parameter]],
+               optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
+    """Restores what `save_state` wrote: the same shards into the same ranks under FSDP."""
+    sharded = state["sharding"] == "fsdp" and state["world"] > 1
+    path = folder / _rank_file(runtime.rank if sharded else 0, runtime.world if sharded else 1)
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; the checkpoint is incomplete, rerun with --no-resume")
+    tensors = load_file(path)
+    torch.set_rng_state(tensors.pop("rng/torch"))
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    return state
+        kind, name = key.split("/", 1)
+        by_param.setdefault(name, {})[kind] = value
+    with torch.no_grad():
+        for name, p in params:
+            saved = by_param.pop(name, {})
+            _copy_local(p, saved.pop("param", None), path, name)
+            if saved:
+                # AdamW's own layout: `step` a float32 scalar on the CPU, the moments shaped like the parameter.
+                optimizer.state[p] = {k: v if k == "step" else _copy_local(torch.zeros_like(p), v, path, name)
+                                      for k, v in saved.items()}
+    if by_param:
+        raise PipelineError(f"{path}: holds tensors this model does not have ({sorted(by_param)[:3]}); the checkpoint "
+                            "is of another model, rerun with --no-resume")
+
+
+def _copy_local(target: torch.Tensor, value: torch.Tensor | None, path: Path, name: str) -> torch.Tensor:
+    shard = parallel.local(target)
+    if value is None or value.shape != shard.shape:
+        got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+        raise PipelineError(f"{path}: {name} holds {got}, this rank's part is {tuple(shard.shape)}; the checkpoint "
+                            "does not fit this model and sharding, rerun with --no-resume")
+    shard.copy_(value)
+    return target
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -177,11 +285,27 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _init_from(model: Gemma2, folder: Path) -> None:
-    """Continues from another run's weights (model merging averages runs that share such a start)."""
-    source = load_model(folder, dtype=torch.float32)
-    if source.config != model.config:
+    """Continues from another run's weights (model merging averages runs that share such a start), read
+    tensor by tensor into this rank's parameters (shards under FSDP)."""
+    reason = unfinished(folder)
+    if reason:
+        raise PipelineError(f"--init-from {reason}")
+    if load_config(folder) != model.config:
         raise PipelineError(f"{folder}: --init-from needs a model of the student's own config")
-    model.load_state_dict(source.state_dict())
+    params = dict(model.named_parameters())
+    missing = set(params)
+    with torch.no_grad():
+        for file in weight_files(folder):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name in IGNORED_KEYS:
+                        continue
+                    if name not in params:
+                        raise PipelineError(f"{file}: unexpected tensor {name!r}; not a Gemma 2 model of this config")
+                    params[name].copy_(f.get_tensor(name))
+                    missing.discard(name)
+    if missing:
+        raise PipelineError(f"{folder}: tensor {sorted(missing)[0]!r} is missing; the checkpoint is incomplete")
 
 
 # --- one training run: prepare, step, loop, checkpoint ------------------------------------------------
@@ -199,18 +323,21 @@ class Run:
     cfg: TrainConfig
     config: RunConfig
     tokenizer: Path
-    accelerator: Any
     runtime: Runtime
-    wrapped: nn.Module
+    wrapped: nn.Module  # what trains: DDP, FSDP (in place) or the plain module
+    params: list[tuple[str, nn.Parameter]]  # the model's (sharded) parameters by HF name, as the optimizer holds them
     optimizer: torch.optim.Optimizer
     stream: ShardStream
+    grad_accum: int
+    dtype: torch.dtype | None  # autocast
     step: int = 0
     wall: float = 0.0
-    final: dict[str, Any] | None = None  # set when the checkpoint says the run is complete
+    bad: int = 0  # steps skipped in a row
+    saved_step: int = -1  # the step of the newest checkpoint
 
     @property
     def model(self) -> Gemma2:
-        return self.accelerator.unwrap_model(self.wrapped).model
+        return parallel.unwrap(self.wrapped).model
 
     @property
     def tokens_per_step(self) -> int:
@@ -220,128 +347,201 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.sharding == "fsdp" and self.runtime.world > 1
+
 
 def check_splits(data: Path, loss: LossConfig) -> tuple[Manifest, LossConfig]:
-    """The train and val splits agree with each other and with the loss; returns the train manifest and
-    the loss with `auto` resolved once, here."""
     train_manifest = open_split(data / "train")
     meta = train_manifest.meta
-    val_meta = open_split(data / "val").meta
-    if val_meta.tokenizer_fingerprint != meta.tokenizer_fingerprint or val_meta.seq_len != meta.seq_len:
-        raise PipelineError(f"{data}: train and val splits were made with different tokenizers or SEQ_LEN; rebuild them")
+    check_same_cache(meta, open_split(data / "val").meta, data)
     is_cache = isinstance(meta, LogitsMeta)
     if loss.kind == "kd" and not is_cache:
         raise PipelineError(f"{data}: holds token shards; --loss kd needs a teacher logit cache (`make teacher-logits`)")
     samples = meta.samples if is_cache else 0
     if loss.kind == "kd" and loss.target == "sampled" and not samples:
         raise PipelineError(f"{data}: the cache has no tail samples; recreate it with SAMPLES>0 or use --kd-target tail")
-    return train_manifest, dataclasses.replace(loss, target=resolve_target(loss.target, bool(samples)))
+    loss = dataclasses.replace(loss, target=resolve_target(loss.target, bool(samples)))
+    if loss.kind == "kd":
+        check_target(loss.target, meta.topk, data)
+    return train_manifest, resolve_temperature(loss, meta.temperature if is_cache else 1.0)
 
 
-def prepare(name: str, student: str, data: Path, out: Path, loss: LossConfig, optim: OptimConfig, cfg: TrainConfig,
-            tokenizer: Path | None = None, resume: bool = True) -> Run:
-    """Checks the data, builds the model, optimizer and reader, and restores a checkpoint when resuming."""
-    from accelerate import Accelerator
-
-    train_manifest, loss = check_splits(data, loss)
+def run_config(name: str, student: str, data: Path, loss: LossConfig, optim: OptimConfig, cfg: TrainConfig,
+               train_manifest: Manifest, model_cfg: Gemma2Config, world: int) -> RunConfig:
     meta = train_manifest.meta
-    tok_path = find_tokenizer(data, tokenizer, meta.tokenizer_fingerprint)
-    model_cfg = resolve_student(student, meta.vocab_size)
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.precision))
-    runtime = Runtime(accelerator.process_index, accelerator.num_processes, accelerator.local_process_index,
-                      accelerator.device)
-    tokens_per_step = cfg.batch_size * runtime.world * cfg.grad_accum * meta.seq_len
+    tokens_per_step = cfg.batch_size * world * grad_accum_for(cfg, world, meta.seq_len) * meta.seq_len
     is_cache = isinstance(meta, LogitsMeta)
-    config = RunConfig(
+    return RunConfig(
         name=name, student=student, model=model_cfg.to_hf(), data=str(data),
         cache=DataRef(kind=meta.kind, tokenizer_fingerprint=meta.tokenizer_fingerprint, seq_len=meta.seq_len,
                       vocab_size=meta.vocab_size, train_rows=train_manifest.rows,
                       teacher_fingerprint=meta.teacher_fingerprint if is_cache else None,
-                      topk=meta.topk if is_cache else None, samples=meta.samples if is_cache else None),
-        loss=dataclasses.asdict(loss), optim=dataclasses.asdict(optim), train=dataclasses.asdict(cfg),
-        world_size=runtime.world, total_steps=max(1, cfg.max_tokens // tokens_per_step),
+                      topk=meta.topk if is_cache else None, samples=meta.samples if is_cache else None,
+                      format=meta.format),
+        loss=dataclasses.asdict(loss), optim=dataclasses.asdict(optim), train=_train_settings(cfg),
+        world_size=world, total_steps=max(1, cfg.max_tokens // tokens_per_step),
         tokens_per_step=tokens_per_step, parameters=model_cfg.num_parameters(),
     )
 
+
+def _train_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The recorded settings; `select` only when set, so runs recorded before it existed still resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "select" or v}
+
+
+def check_same_run(out: Path, config: RunConfig) -> None:
+    """Resuming needs the settings the folder's run was started with, on as many processes."""
+    saved = read_run_config(out)
+    if saved.world_size != config.world_size:
+        raise PipelineError(
+            f"{out}: the run there was started on {saved.world_size} processes, this one has {config.world_size}; "
+            f"resume it on {saved.world_size} (an FSDP checkpoint holds one shard per process, and the global batch "
+            "and data order depend on the count), or start over with --no-resume"
+        )
+    changed = config.changed(saved)
+    if changed:
+        raise PipelineError(f"{out}: a run with other settings ({', '.join(changed)}) is there; "
+                            "use another --out or --no-resume to start over")
+
+
+def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, out: Path, loss: LossConfig,
+            optim: OptimConfig, cfg: TrainConfig, tokenizer: Path, runtime: Runtime, resume: bool,
+            select: Thresholds | None = None) -> Run:
+    """Builds the model where it trains (sharded under FSDP), the optimizer and the reader (with the data
+    selection, if any), and restores the checkpoint when resuming; otherwise clears the folder of any earlier
+    run."""
+    folder = latest_checkpoint(out) if resume else None
+    state: dict[str, Any] | None = None
+    if folder is not None:
+        check_same_run(out, config)
+        state = read_json(folder / "state.json", "the checkpoint's state")
+    elif runtime.is_main:
+        _start_fresh(out, config)
+    runtime.barrier()
+
     torch.manual_seed(cfg.seed)
-    model = Gemma2(model_cfg)
-    model.init_weights(cfg.seed)
-    if cfg.init_from:
-        _init_from(model, Path(cfg.init_from))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    with torch.device("meta"):
+        student = StudentWithLoss(Gemma2(model_cfg), loss)
+    student.model.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def init() -> None:  # a resumed run's weights come from its checkpoint instead
+        if state is None:
+            student.model.init_weights(cfg.seed)
+            if cfg.init_from:
+                _init_from(student.model, Path(cfg.init_from))
+
+    dtype = autocast_dtype(cfg.precision, runtime.device)
+    wrapped = parallel.wrap(student, student.model.model.layers, cfg.sharding, runtime, init, dtype)
+    params = list(student.model.named_parameters())
+    decay = [p for n, p in params if not n.endswith("norm.weight")]
+    no_decay = [p for n, p in params if n.endswith("norm.weight")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim.lr, betas=(optim.beta1, optim.beta2), foreach=False,
     )
-    wrapped, optimizer = accelerator.prepare(StudentWithLoss(model, loss), optimizer)
-
-    cursor, step, wall, final = Cursor(), 0, 0.0, None
-    ckpt = out / "checkpoint"
-    if resume and (ckpt / "state.json").is_file():
-        changed = config.changed(read_run_config(out))
-        if changed:
-            raise PipelineError(f"{out}: a run with other settings ({', '.join(changed)}) is there; "
-                                "use another --out or --no-resume to start over")
-        state = load_state(ckpt, accelerator.unwrap_model(wrapped).model, optimizer)
-        step, cursor, wall = state["step"], Cursor(**state["cursor"]), state["wall_s"]
+    cursor = Cursor()
+    if state is not None:
+        assert folder is not None
+        load_state(folder, state, params, optimizer, runtime)
+        cursor = Cursor(**state["cursor"])
         if runtime.is_main:
-            _trim_metrics(out / "metrics.jsonl", step)
-        if state.get("done"):
-            final = state["final_metrics"]
-    elif runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        write_run_config(out, config)
-    accelerator.wait_for_everyone()
-
-    stream = ShardStream(data / "train", loss_columns(loss), ReaderConfig(cfg.batch_size, cfg.shuffle_rows, cfg.seed),
-                         runtime, cursor)
-    return Run(name, data, out, loss, optim, cfg, config, tok_path, accelerator, runtime, wrapped, optimizer, stream,
-               step, wall, final)
+            _trim_metrics(out / "metrics.jsonl", state["step"])
+    runtime.barrier()
+    stream = ShardStream(data / "train", loss_columns(loss), ReaderConfig(cfg.batch_size, cfg.shuffle_tokens, cfg.seed),
+                         runtime, cursor, select=select)
+    run = Run(name, data, out, loss, optim, cfg, config, tokenizer, runtime, wrapped, params, optimizer, stream,
+              grad_accum_for(cfg, runtime.world, config.cache.seq_len), dtype)
+    if state is not None:
+        run.step, run.wall, run.bad, run.saved_step = state["step"], state["wall_s"], state["bad_steps"], state["step"]
+    return run
 
 
-def train_step(run: Run) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches; returns this rank's share of the step's mean loss.
+def train_step(run: Run) -> tuple[float, float, bool]:
+    """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm, whether both are finite).
     The loss is the mean over every trained position of the global step (all ranks, all micro-batches), so
-    N processes and gradient accumulation give what one large batch gives even when masks differ."""
-    acc, cfg = run.accelerator, run.cfg
+    N processes and gradient accumulation give what one large batch gives even when masks differ. A step
+    with a non-finite loss or gradient norm is skipped: no update, its gradients dropped."""
+    runtime = run.runtime
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, run.config.total_steps, run.optim)
-    batches = [to_torch(run.stream.next_batch(), acc.device) for _ in range(cfg.grad_accum)]
-    positions = acc.reduce(sum(b["label_mask"].sum() for b in batches).float(), "sum")
-    # DDP averages gradients over ranks: each rank's sum is scaled by world / positions.
-    denominator = positions.clamp(min=1.0) / run.runtime.world
-    running = torch.zeros((), device=acc.device)
+    batches = [to_torch(run.stream.next_batch(), runtime.device) for _ in range(run.grad_accum)]
+    positions = parallel.all_reduce_sum(sum(b["label_mask"].sum() for b in batches).float(), runtime)
+    # DDP and FSDP average gradients over ranks: each rank's sum is scaled by world / positions.
+    denominator = positions.clamp(min=1.0) / runtime.world
+    running = torch.zeros((), device=runtime.device)
     for micro, batch in enumerate(batches):
-        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.wrapped)
-        with sync:
-            value = run.wrapped(batch, denominator)
-            acc.backward(value)
+        with parallel.gradient_sync(run.wrapped, micro == run.grad_accum - 1):
+            with autocast(run.dtype, runtime.device):
+                value = run.wrapped(batch, denominator)
+            value.backward()
         running += value.detach()
-    if run.optim.clip > 0:
-        acc.clip_grad_norm_(run.wrapped.parameters(), run.optim.clip)
-    run.optimizer.step()
+    trainable = [p for _, p in run.params]
+    norm = parallel.grad_norm(trainable)
+    loss = parallel.all_reduce_sum(running, runtime) / runtime.world
+    finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(norm).item())
+    if finite:
+        if run.optim.clip > 0:
+            parallel.clip_(trainable, run.optim.clip, norm)
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return running
+    return loss.item(), norm.item(), finite
 
 
 def run_eval(run: Run, limit: int) -> dict[str, float]:
-    return evaluate(run.model, run.data / "val", run.cfg.batch_size, run.loss.loss_chunk, limit, run.runtime,
-                    lambda t: run.accelerator.reduce(t, "sum"))
+    """Validation through the wrapped module on every rank (under FSDP its forward gathers the shards), in
+    float32 as the report evaluates other models, except where FSDP gathers the layers in bf16: there under
+    the training's autocast."""
+    dtype = run.dtype if run.sharded else None
+
+    def forward(fn: Callable[[Gemma2, dict[str, torch.Tensor]], torch.Tensor],
+                batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(dtype, run.runtime.device):
+            return run.wrapped(batch, None, evaluate=fn)
+
+    return evaluate(run.model, run.data / "val", run.cfg.batch_size, run.loss.loss_chunk, limit, run.runtime, forward)
 
 
-def save_checkpoint(run: Run, done: bool, final: dict[str, Any] | None = None) -> None:
-    """Training state and the HF export, rank 0 writing; every rank waits for it."""
+def save_checkpoint(run: Run) -> None:
+    """Training state into checkpoint/step-N/ (every rank writes its part), then the atomic switch of
+    latest.json to it, then the older folders removed: a complete checkpoint exists at every instant."""
+    if run.saved_step == run.step:
+        return
+    runtime, root = run.runtime, run.checkpoint_dir
+    name = f"step-{run.step:08d}"
+    tmp = root / f".{name}.tmp"
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    save_state(tmp, run.params, run.optimizer, runtime, run.sharded)
+    runtime.barrier()
+    if runtime.is_main:
+        state = {"step": run.step, "cursor": dataclasses.asdict(run.stream.cursor), "wall_s": run.wall,
+                 "tokens": run.step * run.tokens_per_step, "bad_steps": run.bad, "world": runtime.world,
+                 "sharding": run.cfg.sharding}
+        write_json(tmp / "state.json", state)
+        shutil.rmtree(root / name, ignore_errors=True)
+        tmp.rename(root / name)
+        write_json(root / LATEST, {"folder": name, "step": run.step})
+        for old in root.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    run.saved_step = run.step
+    runtime.barrier()
+
+
+def export(run: Run) -> None:
+    """The Hugging Face directory, gathered tensor by tensor through every rank and written by rank 0."""
+    tensors = parallel.full_tensors(run.params, run.runtime)
     if run.runtime.is_main:
-        state = {"step": run.step, "cursor": dataclasses.asdict(run.stream.cursor), "wall_s": run.wall, "done": done,
-                 "tokens": run.step * run.tokens_per_step, "final_metrics": final}
-        save_state(run.checkpoint_dir, run.model, run.optimizer, state)
-        save_model(run.model, run.out, tokenizer=run.tokenizer)
-    run.accelerator.wait_for_everyone()
+        save_model(run.model, run.out, tokenizer=run.tokenizer, tensors=tensors)
+    else:
+        for _ in tensors:
+            pass
+    run.runtime.barrier()
 
 
 def log(run: Run, record: dict[str, Any]) -> None:
@@ -350,44 +550,94 @@ def log(run: Run, record: dict[str, Any]) -> None:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _save_due(run: Run, since_save: float) -> bool:
+    cfg, step = run.cfg, run.step
+    due = bool(cfg.save_every) and step % cfg.save_every == 0
+    if cfg.save_every_tokens:
+        due |= step * run.tokens_per_step // cfg.save_every_tokens > (step - 1) * run.tokens_per_step // cfg.save_every_tokens
+    if cfg.save_every_minutes:  # clocks differ between ranks: they agree to save if one says so
+        due = parallel.any_rank(due or since_save >= 60 * cfg.save_every_minutes, run.runtime)
+    return due
+
+
+def _guard(run: Run, loss: float, norm: float) -> None:
+    """Counts a skipped step; stops the run after max_bad_steps of them in a row."""
+    run.bad += 1
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    log(run, {"step": run.step, "skipped": f"non-finite {what}", "bad_in_a_row": run.bad})
+    if run.runtime.is_main:
+        print(f"{run.name}: step {run.step} skipped (non-finite {what})", file=sys.stderr)
+    if run.bad >= run.cfg.max_bad_steps:
+        kept = f"the last good checkpoint (step {run.saved_step}) is kept in {run.checkpoint_dir}" if run.saved_step >= 0 \
+            else "no checkpoint was written yet"
+        raise PipelineError(
+            f"{run.name}: {run.bad} steps in a row had a non-finite {what} (last at step {run.step}); stopped, "
+            f"{kept}; lower --lr or check the cache (`make verify`), then rerun"
+        )
+
+
 def loop(run: Run) -> None:
-    """Steps until the token budget is spent: logging, periodic evaluation and checkpoints."""
+    """Steps until the token budget is spent: the non-finite guard, logging, evaluation and checkpoints."""
     cfg, total = run.cfg, run.config.total_steps
     bar = progress(total=total, initial=run.step, desc=run.name, unit=" step", disable=not run.runtime.is_main)
     session_start, wall_before = time.perf_counter(), run.wall
-    last_time, last_step = session_start, run.step
+    last_time, last_step, last_save = session_start, run.step, session_start
     run.wrapped.train()
-    while run.step < total:
-        running = train_step(run)
-        step = run.step
-        bar.update(1)
-        now = time.perf_counter()
-        run.wall = wall_before + now - session_start
-        if step % cfg.log_every == 0 or step == total:
-            mean_loss = run.accelerator.reduce(running, "mean").item()
-            tok_s = (step - last_step) * run.tokens_per_step / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
-            log(run, {"step": step, "tokens": step * run.tokens_per_step, "loss": mean_loss,
-                      "lr": lr_at(step - 1, total, run.optim), "tok_s": tok_s, "wall_s": run.wall})
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            log(run, {"step": step, "tokens": step * run.tokens_per_step, "eval": "periodic",
-                      **run_eval(run, cfg.eval_windows)})
-        if step % cfg.save_every == 0 and step < total:
-            save_checkpoint(run, done=False)
-    bar.close()
+    try:
+        while run.step < total:
+            loss, norm, finite = train_step(run)
+            step = run.step
+            bar.update(1)
+            now = time.perf_counter()
+            run.wall = wall_before + now - session_start
+            if finite:
+                run.bad = 0
+            else:
+                _guard(run, loss, norm)
+            if finite and (step % cfg.log_every == 0 or step == total):
+                tok_s = (step - last_step) * run.tokens_per_step / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                log(run, {"step": step, "tokens": step * run.tokens_per_step, "loss": loss, "grad_norm": norm,
+                          "lr": lr_at(step - 1, total, run.optim), "tok_s": tok_s, "wall_s": run.wall})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                log(run, {"step": step, "tokens": step * run.tokens_per_step, "eval": "periodic",
+                          **run_eval(run, cfg.eval_windows)})
+            if step < total and not run.bad and _save_due(run, now - last_save):  # never in a run of bad steps
+                save_checkpoint(run)
+                last_save = time.perf_counter()
+    finally:
+        bar.close()  # before any error line, which must come last
 
 
 def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, optim: OptimConfig, cfg: TrainConfig,
           tokenizer: Path | None = None, resume: bool = True) -> dict[str, Any]:
-    """Trains one model; returns the final validation metrics."""
-    run = prepare(name, student, data, out, loss, optim, cfg, tokenizer, resume)
-    if run.final is not None:
-        run.accelerator.print(f"{name}: already complete ({out}); nothing to do")
-        return run.final
-    loop(run)
-    final = {**run_eval(run, 0), "wall_s": run.wall, "tokens": run.step * run.tokens_per_step,
-             "parameters": run.config.parameters}
-    log(run, {"step": run.step, "eval": "final", **final})
-    save_checkpoint(run, done=True, final=final)
+    """Trains one model; returns the final validation metrics. A finished run (same settings) is not redone."""
+    train_manifest, loss = check_splits(data, loss)
+    meta = train_manifest.meta
+    select = resolve_selection(Selection.parse(cfg.select), meta, train_manifest.stats, data / "train")
+    tok_path = find_tokenizer(data, tokenizer, meta.tokenizer_fingerprint)
+    model_cfg = resolve_student(student, meta.vocab_size)
+    runtime = Runtime.from_env()
+    config = run_config(name, student, data, loss, optim, cfg, train_manifest, model_cfg, runtime.world)
+    if resume and (out / FINISHED).is_file():
+        check_same_run(out, config)
+        if runtime.is_main:
+            print(f"{name}: already complete ({out}); nothing to do")
+        return read_json(out / FINISHED, "the finished run's metrics")["final"]
+    run = prepare(name, config, model_cfg, data, out, loss, optim, cfg, tok_path, runtime, resume, select)
+    if select is not None and run.step == 0:
+        log(run, {"step": 0, "selection": select.summary()})
+    try:
+        loop(run)
+        save_checkpoint(run)  # the training is safe before the final evaluation and export
+        final = {**run_eval(run, cfg.eval_windows), "wall_s": run.wall, "tokens": run.step * run.tokens_per_step,
+                 "parameters": run.config.parameters}
+        log(run, {"step": run.step, "eval": "final", **final})
+        export(run)
+        if runtime.is_main:
+            write_json(out / FINISHED, {"final": final, "step": run.step})
+        runtime.barrier()
+    finally:
+        run.stream.close()
     return final

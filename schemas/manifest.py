@@ -32,6 +32,12 @@ class ShardRecord:
 @dataclass(frozen=True, kw_only=True)
 class TokensStats:
     max_id: int
+    units: int | None = None  # leading work units the manifests draw from (all, unless --corpus-tokens stops early)
+    documents: int | None = None  # documents (or first pieces of documents) of this split read in those units
+    available_tokens: int | None = None  # tokens those units hold for this split, before --corpus-tokens/--val-tokens
+    units_sha256: str | None = None  # the corpus's unit plan (paths, sizes, mtimes): a changed corpus is rebuilt
+    filters: dict[str, int] | None = None  # documents each filter dropped, and pii_* replacements (when filtered)
+    conversations: dict[str, int] | None = None  # chat: packed whole / cut at a turn / dropped (too_long, no_reply, markers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +46,12 @@ class LogitsStats:
     mean_tail_mass: float
     mean_teacher_entropy: float
     capture_config: dict[str, Any] = field(default_factory=dict)
+    positions: int | None = None  # trained positions (the means are over them); absent in older manifests
+    mean_teacher_loss: float | None = None  # mean −label_logprob over trained positions (caches with signals)
+    target_bytes_per_token: float | None = None  # compressed bytes of the target columns per token (no window columns)
+    # Histograms of the teacher's loss and entropy per trained position and per window (pipeline/select.py):
+    # what `--select` quantiles are read from, with no pass over the cache.
+    histograms: dict[str, Any] | None = None
 
 
 META_TYPES = {"tokens": (TokensMeta, TokensStats), "logits": (LogitsMeta, LogitsStats)}

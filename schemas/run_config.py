@@ -25,6 +25,7 @@ class DataRef:
     teacher_fingerprint: str | None = None  # caches only
     topk: int | None = None
     samples: int | None = None
+    format: str = "text"  # chat: trained on model turns only; `make generate` then applies the chat template
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,11 @@ the next window after a fresh `<bos>`, repeating the previous window's last toke
 Columns: `window` int64 (unique within a split), `input_ids` [T+1] int32, `continued` bool, and for chat
 data (`format` "chat") `loss_mask` [T] uint8: 1 where the label belongs to a model turn.
 
+`make tokens` packs each work unit of the corpus on its own (pipeline/tokens.py), so `window` is
+`unit << 32 | row`, row counting that unit's windows of the split from 0: unique within a split and the
+same whatever the process count, but not contiguous. Each unit's last window of a split is padded, and a
+unit that is a later byte range of a large text file starts with a continued window.
+
 Which positions train (`label_mask`): not a label that is `<bos>` (the next document's start, predicted
 across a document boundary) or `<pad>` (the filler of a unit's last window); not position 0 of a continued
 window (its label was already the previous window's last label, and `<bos>` alone is no context for a
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +51,9 @@ class TokensMeta:
     val_fraction: float | None = None
     corpus_tokens: int | None = None
     shard_windows: int | None = None
+    val_tokens: int | None = None  # the val split's cap (0: none): its first windows covering this many tokens
+    unit_bytes: int | None = None  # corpus bytes per work unit: with the input, it fixes the windows
+    filters: dict[str, Any] | None = None  # the filters applied (pipeline/filters.py `Filters.describe`); None: none
 
 
 def token_schema(seq_len: int, chat: bool = False) -> pa.Schema:

@@ -1,7 +1,8 @@
 """`make demo`: the whole chain on the embedded default, reproducing Gemma 2's distillation result in
 miniature: tokens → teacher → teacher-logits → for each student size a KD student and a CE (from-scratch)
-twin on the same windows and token budget → the other cache modes of the first size → two continuations of
-it, merged → report. Each step is the same stage a user runs, with the same `--config` file (its tables are
+twin on the same windows and token budget → the other cache modes of the first size → the compact cache of
+the same windows and the first size's KD run from it → the first size's KD run with a data selection → two
+continuations of its KD run, merged → report. Each step is the same stage a user runs, with the same `--config` file (its tables are
 the stages' own); completed steps are skipped on a rerun. `--set stage.key=value` overrides one setting of
 one stage (what `make demo TOPK=32` passes)."""
 
@@ -21,7 +22,8 @@ from pipeline.errors import PipelineError
 from pipeline.runtime import fast_cpu_bf16
 from stages._cli import STAGES, layout, load_config, run, stage_parser
 
-DEMO_KEYS = {"sizes", "cache_modes", "merge_seeds", "merge_lrs", "merge_tokens", "merge_warmup_steps"}
+DEMO_KEYS = {"independent_seed", "sizes", "cache_modes", "merge_seeds", "merge_lrs", "merge_tokens", "merge_warmup_steps", "compact_cache",
+             "compact_preset", "select"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,10 +60,10 @@ def parse_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 class Steps:
-    def __init__(self, work: Path, config: Path, extra: dict[str, list[str]]) -> None:
+    def __init__(self, work: Path, config: Path, extra: dict[str, list[str]], target: str = "make demo") -> None:
         self.start = time.perf_counter()
         self.common = ["--work", str(work), "--config", str(config)]
-        self.extra = extra
+        self.extra, self.target = extra, target
 
     def __call__(self, title: str, stage: str, *args: str) -> None:
         print(f"\n== {title}  [{time.perf_counter() - self.start:.0f} s]", flush=True)
@@ -69,7 +71,7 @@ class Steps:
         result = subprocess.run(cmd)
         if result.returncode != 0:
             raise PipelineError(f"demo step '{title}' failed (exit {result.returncode}); fix the error above and rerun "
-                                "`make demo`: finished steps are kept")
+                                f"`{self.target}`: finished steps are kept")
 
 
 def demo_settings(config: Path) -> dict[str, Any]:
@@ -102,6 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     for mode in demo["cache_modes"]:
         step(f"student {first}-kd with cache mode {mode}", "train_student", "--precision", prec, "--kd-target", mode,
              "--student", f"{first}-kd-{mode}={preset}")
+    compact = work.work / demo["compact_cache"]
+    step(f"teacher-logits: {demo['compact_preset']} cache of the same windows", "teacher_logits", "--cache-preset",
+         demo["compact_preset"], "--cache", str(compact))
+    step(f"student {first}-kd-compact from the {demo['compact_preset']} cache", "train_student", "--precision", prec,
+         "--cache", str(compact), "--student", f"{first}-kd-compact={preset}")
+    step(f"student {first}-kd-select: --select {demo['select']}", "train_student", "--precision", prec,
+         "--select", demo["select"], "--student", f"{first}-kd-select={preset}")
     base = work.students / f"{first}-kd"
     branches = []
     for seed, lr in zip(demo["merge_seeds"], demo["merge_lrs"]):
@@ -113,6 +122,12 @@ def main(argv: list[str] | None = None) -> None:
              "--eval-every", "0")
     step(f"merge {', '.join(Path(b).name for b in branches)}", "merge", "--inputs", *branches,
          "--out", str(work.students / f"{first}-kd-merged"))
+    # The counter-example: an independently initialised twin of the KD run (another seed), averaged with it.
+    seed = demo["independent_seed"]
+    step(f"student {first}-kd-seed{seed}: the KD run from another random init", "train_student", "--precision", prec,
+         "--seed", str(seed), "--student", f"{first}-kd-seed{seed}={preset}")
+    step(f"merge {first}-kd, {first}-kd-seed{seed} (independent inits)", "merge", "--inputs", str(base),
+         str(work.students / f"{first}-kd-seed{seed}"), "--out", str(work.students / f"{first}-kd-merged-independent"))
     step("report", "report")
     print(f"demo finished in {time.perf_counter() - step.start:.0f} s; see {work.report}")
 

@@ -14,6 +14,7 @@ MAKE_ONLY = {
     "STUDENTS": "train-student: presets, config.json files or HF folders, `name=spec` to name them "
                 "(default: demo-student-s demo-student-m)",
     "MERGE_INPUTS": "merge: the model folders to average", "EXTRA": "more flags for the stage",
+    "PROMPT": "generate: the prompt (read from the environment, so quotes and backticks survive)",
     "LAUNCH": "prefix of the GPU stages, e.g. \"accelerate launch --num_processes 8\" (default: the venv's python)",
 }
 

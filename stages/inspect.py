@@ -1,5 +1,6 @@
 """`make inspect`: a shard's schema, metadata and, for one position, the decoded context with the
-teacher's top-K tokens, their probabilities and the tail mass."""
+teacher's top-K tokens most likely first (whatever order and encoding the cache stores them in), their
+probabilities, the tail mass and draws, and the teacher's log-prob of the actual next token and entropy."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import Tokenizer
-from schemas.common import read_file_meta
+from schemas.common import from_json, read_file_meta
+from schemas.logits import SAMPLE_COLUMNS, SIGNAL_COLUMNS, TOPK_COLUMNS, LogitsShardMeta, decode
+from schemas.manifest import read_manifest
 from stages._cli import layout, parse, run, stage_parser
 
 
@@ -26,7 +29,8 @@ def decoding_tokenizer(shard: Path, explicit: Path | None) -> Tokenizer | None:
 
 def parser() -> argparse.ArgumentParser:
     p = stage_parser("inspect", __doc__)
-    p.add_argument("file", type=Path, nargs="?", help="a token or logit shard (default: the cache's first val shard)")
+    p.add_argument("file", type=Path, nargs="?", help="a token or logit shard (default: the first val shard of WORK's "
+                                                      "cache)")
     p.add_argument("--row", type=int, default=0, help="row (window) of the shard")
     p.add_argument("--pos", type=int, default=None, help="position in the window (default: the middle)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model for decoding (found next to the cache if omitted)")
@@ -38,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse(parser(), argv)
     if args.file is None:
-        args.file = layout(args).cache / "val" / "val-00000.parquet"
+        val = layout(args).cache / "val"
+        args.file = val / read_manifest(val, "logits").shards[0].file
     schema, meta = read_file_meta(args.file)
     parquet = pq.ParquetFile(args.file)
     print(f"file: {args.file}  rows: {parquet.metadata.num_rows}  row groups: {parquet.num_row_groups}")
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.row < parquet.metadata.num_rows:
         raise PipelineError(f"{args.file}: --row {args.row} out of range 0..{parquet.metadata.num_rows - 1}")
     table = pq.read_table(args.file).slice(args.row, 1)
-    row = {name: table.column(name)[0].as_py() for name in table.column_names}
+    row = {name: table.column(name)[0].as_py() for name in ("window", "input_ids")}
     tok = decoding_tokenizer(args.file, args.tokenizer)
     show = (lambda i: repr(tok.piece(i))) if tok else str
     ids = row["input_ids"]
@@ -58,17 +63,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwindow {row['window']}, position {pos}: context ends with")
     print("  " + (repr(tok.decode(context)) if tok else str(context)))
     print(f"  actual next token: {show(ids[pos + 1])}")
-    if "topk_ids" not in row:
+    if meta.get("kind") != "logits":
         return
-    print("  teacher top-K:")
-    pairs = list(zip(row["topk_ids"][pos], row["topk_logprobs"][pos]))[: args.show]
-    for rank, (i, lp) in enumerate(pairs):
-        mark = "  <- actual" if i == ids[pos + 1] else ""
-        print(f"    {rank:3d}  p={math.exp(lp):.4f}  {show(i)}{mark}")
-    print(f"  tail mass outside the top {meta['topk']}: {row['tail_mass'][pos]:.4f}")
-    if "sample_ids" in row:
-        draws = ", ".join(f"{show(i)}×{c}" for i, c in zip(row["sample_ids"][pos], row["sample_counts"][pos]))
-        print(f"  tail draws ({meta['samples']}): {draws}")
+    cache = from_json(LogitsShardMeta, meta, args.file)
+    wanted = TOPK_COLUMNS + ("tail_mass",) + (SAMPLE_COLUMNS if cache.samples else ()) + \
+        (SIGNAL_COLUMNS if cache.signals else ())
+    values = {name: v[0, pos] for name, v in decode(table, wanted, cache).items()}
+    if cache.topk:
+        print("  teacher top-K (most likely first):")
+        order = sorted(range(cache.topk), key=lambda j: (-values["topk_logprobs"][j], values["topk_ids"][j]))
+        for rank, j in enumerate(order[: args.show]):
+            i, lp = int(values["topk_ids"][j]), float(values["topk_logprobs"][j])
+            mark = "  <- actual" if i == ids[pos + 1] else ""
+            print(f"    {rank:3d}  p={math.exp(lp):.4f}  {show(i)}{mark}")
+        print(f"  tail mass outside the top {cache.topk}: {values['tail_mass']:.4f}")
+    if cache.samples:
+        drawn = [(int(i), int(c)) for i, c in zip(values["sample_ids"], values["sample_counts"]) if c > 0]
+        what = "draws from the whole distribution" if cache.topk == 0 else "tail draws"
+        print(f"  {what} ({cache.samples}, {cache.sampling}): " + ", ".join(f"{show(i)}×{c}" for i, c in drawn))
+    if cache.signals:
+        print(f"  teacher log-prob of the actual next token: {values['label_logprob']:.4f} "
+              f"(p={math.exp(values['label_logprob']):.4f}); entropy {values['entropy']:.4f} nats")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.losses import LossConfig
 from pipeline.train import OptimConfig, TrainConfig, train
 from stages._cli import add_settings, build, layout, parse, run, stage_parser
-from stages.train_student import add_training_flags
+from stages.train_student import add_training_flags, end_processes
 
 # The demo teacher's own defaults, where they differ from a student's.
 TEACHER_DEFAULTS = {"max_tokens": 1_000_000, "warmup_steps": 30, "save_every": 100}
@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(parser(), argv)
     work = layout(args)
     loss = LossConfig(kind="ce", loss_chunk=args.loss_chunk)
-    final = train("teacher", args.preset, args.tokens or work.tokens, args.teacher or work.teacher, loss,
-                  build(OptimConfig, args), build(TrainConfig, args), args.tokenizer, args.resume)
+    try:
+        final = train("teacher", args.preset, args.tokens or work.tokens, args.teacher or work.teacher, loss,
+                      build(OptimConfig, args), build(TrainConfig, args), args.tokenizer, args.resume)
+    finally:
+        end_processes()
     print(json.dumps({"teacher": str(args.teacher or work.teacher), **{k: round(v, 4) for k, v in final.items()}}))
 
 

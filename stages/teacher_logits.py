@@ -1,20 +1,20 @@
 """`make teacher-logits`: the teacher over token shards → top-K logit shards + manifests (resumable;
-under `accelerate launch`/torchrun the shards are split across ranks)."""
+under `accelerate launch`/torchrun the shards are split across ranks by tokens, and the ranks never wait for
+each other in a collective that can time out). `--cache-preset compact` (`CACHE_PRESET=compact`) sets the
+measured compact setting's flags as defaults; flags given explicitly still win."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-import torch
-
-from pipeline.capture import CaptureConfig, capture
+from pipeline.capture import CACHE_PRESETS, TIMEOUT_ENV, CaptureConfig, capture
+from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
 from pipeline.topk import TopKConfig
 from stages._cli import add_settings, build, layout, parse, run, stage_parser
-
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,20 +25,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="logit shards folder to write (default: WORK/logits)")
     add_settings(p, TopKConfig)
     add_settings(p, CaptureConfig)
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     return p
 
 
+def collective_timeout() -> float | None:
+    """The process group's timeout from $DISTILL_COLLECTIVE_TIMEOUT_S (tests shorten it); default torch's."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise PipelineError(f"${TIMEOUT_ENV}={raw!r}: expected seconds") from None
+
+
+def parse_with_preset(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over the preset over the --config table: a preset (from either) becomes the defaults of its
+    flags, then the command line is parsed again."""
+    p = parser()
+    args = parse(p, argv)
+    if args.cache_preset != "none":
+        p.set_defaults(**CACHE_PRESETS[args.cache_preset])
+        args = p.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse(parser(), argv)
+    args = parse_with_preset(argv)
     work = layout(args)
     cfg = build(CaptureConfig, args, topk=build(TopKConfig, args))
     manifests = capture(args.teacher or work.teacher, args.tokens or work.tokens, args.cache or work.cache, cfg,
-                        Runtime.from_env(), DTYPES[args.dtype])
+                        Runtime.from_env(timeout_s=collective_timeout()))
     if manifests:
         print(json.dumps({s: {"windows": m.rows, "bytes_per_token": round(m.stats.bytes_per_token, 4),
+                              "target_bytes_per_token": round(m.stats.target_bytes_per_token or 0.0, 4),
+                              "topk": m.meta.topk, "samples": m.meta.samples, "id_coding": m.meta.id_coding,
+                              "logprob_coding": m.meta.logprob_coding,
                               "mean_tail_mass": round(m.stats.mean_tail_mass, 4),
-                              "mean_teacher_entropy": round(m.stats.mean_teacher_entropy, 4)}
+                              "mean_teacher_entropy": round(m.stats.mean_teacher_entropy, 4),
+                              "temperature": m.meta.temperature, "dtype": m.meta.capture_dtype}
                           for s, m in manifests.items()}))
 
 

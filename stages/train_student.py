@@ -1,11 +1,13 @@
 """`make train-student`: trains every student in STUDENTS from one teacher logit cache (or, with --loss ce,
 from the same cache's tokens: the from-scratch twin). Each goes to STUDENT_DIR/<name>/ as a Hugging Face
-Gemma 2 directory with its training state, metrics.jsonl and run_config.json."""
+Gemma 2 directory with its training state, metrics.jsonl and run_config.json. `--select` (`SELECT=`) keeps or
+drops windows or positions by the teacher's loss or entropy stored in the cache (pipeline/select.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: dict[str, Any] | No
     add_settings(p, TrainConfig, defaults=defaults)
     p.add_argument("--tokenizer", type=Path, help="defaults to the data folder's tokenizer.model")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue a killed run found in the output folder (default)")
+                   help="continue a killed run found in the output folder (default; same number of processes); "
+                        "--no-resume deletes it first")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,10 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     loss, optim, cfg = build(LossConfig, args), build(OptimConfig, args), build(TrainConfig, args)
     students = [s for spec in (args.student or DEFAULT_STUDENTS) for s in spec.split()]
     cache, out = args.cache or work.cache, args.students or work.students
-    for spec in students:
-        name, spec = split_spec(spec)
-        final = train(name, spec, cache, out / name, loss, optim, cfg, args.tokenizer, args.resume)
-        print(json.dumps({"student": name, **{k: round(v, 4) for k, v in final.items()}}))
+    try:
+        for spec in students:
+            name, spec = split_spec(spec)
+            final = train(name, spec, cache, out / name, loss, optim, cfg, args.tokenizer, args.resume)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(json.dumps({"student": name, **{k: round(v, 4) for k, v in final.items()}}), flush=True)
+    finally:
+        end_processes()
+
+
+def end_processes() -> None:
+    """Leaves the process group (torchrun warns about one left open)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

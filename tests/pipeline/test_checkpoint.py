@@ -12,6 +12,7 @@ from transformers import Gemma2ForCausalLM
 
 from pipeline.checkpoint import load_model, model_fingerprint, save_model
 from pipeline.errors import PipelineError
+from pipeline.model import FULL
 from tests.conftest import tiny_config
 from tests.pipeline.test_model import hf_twin, scaled_random_model
 
@@ -32,6 +33,41 @@ def test_our_save_loads_in_transformers(saved):
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max() <= 1e-4
+
+
+def test_capped_config_round_trips(saved):
+    model, path = saved
+    assert load_model(path).config == model.config
+
+
+def test_uncapped_window_less_model_round_trips_through_transformers(tmp_path):
+    """No soft-caps (JSON null) and no sliding window (every layer global): save, load in ours and in
+    transformers, same config and same logits on a row longer than the unused sliding_window."""
+    cfg = tiny_config(attn_logit_softcapping=None, final_logit_softcapping=None, layer_types=(FULL,) * 3)
+    model = scaled_random_model(cfg)
+    save_model(model, tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw["attn_logit_softcapping"] is None and raw["final_logit_softcapping"] is None
+    assert raw["layer_types"] == [FULL] * 3
+    ours = load_model(tmp_path / "m", attn_implementation="math")
+    assert ours.config == cfg
+    hf = Gemma2ForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    assert hf.config.final_logit_softcapping is None and hf.config.attn_logit_softcapping is None
+    ids = torch.randint(0, cfg.vocab_size, (2, 4 * cfg.sliding_window))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - ours(ids)).abs().max() <= 1e-4
+        assert (ref - model(ids)).abs().max() <= 1e-4
+        assert (30 * torch.tanh(ref / 30) - ref).abs().max() > 1e-3  # a default cap of 30 would show
+
+
+def test_null_sliding_window_fails_with_the_file_named(saved):
+    _, path = saved
+    raw = json.loads((path / "config.json").read_text())
+    raw["sliding_window"] = None
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(PipelineError, match=r"config\.json: config: sliding_window is null"):
+        load_model(path)
 
 
 def test_transformers_sharded_save_loads_in_ours(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.losses import LossConfig, chunked_loss
+from pipeline.errors import PipelineError
+from pipeline.losses import LossConfig, chunked_loss, resolve_temperature
 
 V, H, N, K, CAP = 60, 16, 23, 7, 5.0
 
@@ -31,7 +32,8 @@ def naive_logq(hidden, weight, tau=1.0):
 
 
 def naive(hidden, weight, t, kind="kd", target="tail", tau=1.0, alpha=1.0):
-    """Readable reference: full softmax over the vocabulary, probabilities summed directly."""
+    """Readable reference: full softmax over the vocabulary, probabilities summed directly; the targets are
+    taken as they are (a cache already holds its τ's distribution), the student at τ."""
     logq = naive_logq(hidden, weight, tau)
     q = logq.exp()
     p = t["topk_logprobs"].float().exp()
@@ -39,10 +41,6 @@ def naive(hidden, weight, t, kind="kd", target="tail", tau=1.0, alpha=1.0):
     ce = -naive_logq(hidden, weight).gather(1, t["labels"][:, None]).squeeze(1)
     if kind == "ce":
         return ce.mean()
-    if tau != 1.0:
-        p, r = p ** (1 / tau), r ** (1 / tau)
-        z = p.sum(-1) + r
-        p, r = p / z[:, None], r / z
     logq_s = logq.gather(1, t["topk_ids"])
     if target == "renorm":
         kd = -(p / p.sum(-1, keepdim=True) * logq_s).sum(-1)
@@ -82,8 +80,72 @@ def test_ce():
     compare(LossConfig(kind="ce", loss_chunk=6), kind="ce")
 
 
-def test_temperature_and_alpha():
-    compare(LossConfig(temperature=2.0, alpha=0.7, loss_chunk=9), tau=2.0, alpha=0.7)
+def tempered_teacher(teacher_logp, tau):
+    """A cache captured at τ, built by hand from the full teacher distribution: top-K of softmax(l / τ) and
+    the mass outside it summed over the complement."""
+    p = torch.softmax(teacher_logp / tau, -1)
+    top_p, top_ids = p.topk(K, -1)
+    return p, top_ids, {"topk_ids": top_ids, "topk_logprobs": top_p.log(),
+                        "tail_mass": p.scatter(1, top_ids, 0.0).sum(-1)}
+
+
+def full_reference(hidden, weight, p_full, ids, labels, tau, alpha, renorm=False):
+    """KD at τ against the full tempered teacher, coarsened to S + one tail bucket (or S renormalised): every
+    sum taken over the vocabulary; the student's logits / τ, the loss × τ²; CE at τ = 1."""
+    logq = naive_logq(hidden, weight, tau)
+    in_s = torch.zeros_like(p_full, dtype=torch.bool).scatter(1, ids, True)
+    p_s = torch.where(in_s, p_full, 0.0)
+    if renorm:
+        kd = -(p_s / p_s.sum(-1, keepdim=True) * logq).sum(-1)
+    else:
+        tail_p = torch.where(in_s, 0.0, p_full).sum(-1)
+        tail_q = torch.where(in_s, 0.0, logq.exp()).sum(-1)
+        kd = -(p_s * logq).sum(-1) - tail_p * tail_q.log()
+    ce = -naive_logq(hidden, weight).gather(1, labels[:, None]).squeeze(1)
+    return (alpha * kd * tau**2 + (1 - alpha) * ce).mean()
+
+
+def compare_full(cfg, targets, p_full, ids, tau, alpha, renorm=False):
+    hidden, weight, _, t = setup()
+    got = chunked_loss(hidden, weight, CAP, {"labels": t["labels"], **targets}, cfg)
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = full_reference(h2, w2, p_full, ids, t["labels"], tau, alpha, renorm)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got, ref)
+    assert torch.allclose(gh, rh, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(gw, rw, atol=1e-5, rtol=1e-4)
+
+
+def test_temperature_and_alpha_against_a_tempered_full_teacher():
+    """A cache captured at τ = 2, trained at the cache's τ (the default): the loss is the coarsened CE
+    against the full teacher distribution tempered by hand — the tail bucket as captured, never re-tempered."""
+    _, _, teacher, _ = setup()
+    p_full, ids, targets = tempered_teacher(teacher, 2.0)
+    cfg = resolve_temperature(LossConfig(alpha=0.7, loss_chunk=9), cache_temperature=2.0)
+    assert cfg.tau == 2.0
+    compare_full(cfg, targets, p_full, ids, 2.0, 0.7)
+
+
+def test_renorm_re_tempers_the_top_k_exactly():
+    """A τ = 1 cache trained with renorm at τ = 2: the target is softmax(l / 2) restricted to S and
+    renormalised, taken here from the full distribution tempered by hand."""
+    _, _, teacher, _ = setup()
+    _, ids, targets = tempered_teacher(teacher, 1.0)
+    cfg = resolve_temperature(LossConfig(target="renorm", temperature=2.0, alpha=0.7, loss_chunk=9), 1.0)
+    compare_full(cfg, targets, torch.softmax(teacher / 2.0, -1), ids, 2.0, 0.7, renorm=True)
+
+
+@pytest.mark.parametrize("target", ["auto", "tail", "sampled"])
+def test_another_temperature_with_the_tail_is_refused(target):
+    with pytest.raises(PipelineError, match=r"--temperature 2: the cache holds the teacher at τ = 1\.5, and its "
+                                            r"tail mass and draws cannot be re-tempered"):
+        resolve_temperature(LossConfig(target=target, temperature=2.0), cache_temperature=1.5)
+    assert resolve_temperature(LossConfig(target=target), 1.5).tau == 1.5  # the cache's τ by default
+    assert resolve_temperature(LossConfig(kind="ce", temperature=2.0), 1.5).kind == "ce"
+    hidden, weight, _, t = setup()  # an unresolved config reaching the loss is refused there too
+    with pytest.raises(PipelineError, match="the tail cannot be re-tempered"):
+        chunked_loss(hidden, weight, CAP, t, LossConfig(target="tail", temperature=2.0))
 
 
 def test_sampled_tail():
@@ -173,7 +235,8 @@ def test_peak_memory_follows_chunk_not_tokens_times_vocab():
 
 
 @pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(target="renorm"), LossConfig(target="sampled"),
-                                 LossConfig(kind="ce"), LossConfig(temperature=1.7, alpha=0.4)])
+                                 LossConfig(kind="ce"), LossConfig(temperature=1.7, teacher_temperature=1.7, alpha=0.4),
+                                 LossConfig(target="renorm", temperature=1.7, alpha=0.4)])
 def test_closed_form_gradient_equals_autograd_of_the_plain_loss(cfg):
     from pipeline.losses import loss_and_grad, row_losses
 
@@ -186,3 +249,61 @@ def test_closed_form_gradient_equals_autograd_of_the_plain_loss(cfg):
     got_rows, got = loss_and_grad(z.detach(), t, cfg)
     assert torch.allclose(got_rows, rows.detach(), atol=1e-5)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def pure_sampling_targets(seed: int = 8, draws: int = 12):
+    """A K = 0 cache's targets: no top K, tail mass 1, N draws from the whole teacher distribution."""
+    _, _, teacher, t = setup(seed)
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.multinomial(teacher.exp(), draws, replacement=True, generator=g)
+    ids, counts = [], []
+    for row in drawn:
+        u, c = row.unique(return_counts=True)
+        ids.append(torch.nn.functional.pad(u, (0, draws - len(u))))
+        counts.append(torch.nn.functional.pad(c, (0, draws - len(c))))
+    return teacher, {"labels": t["labels"], "topk_ids": torch.zeros(N, 0, dtype=torch.long),
+                     "topk_logprobs": torch.zeros(N, 0), "tail_mass": torch.ones(N),
+                     "sample_ids": torch.stack(ids), "sample_counts": torch.stack(counts).float()}
+
+
+def test_pure_sampling_is_the_rs_kd_estimator():
+    """K = 0: the sampled loss is −Σ_j (c_j/N) log q_{u_j}, written out here with plain loops; values and
+    gradients through the chunked path."""
+    _, t = pure_sampling_targets()
+    hidden, weight, _, _ = setup()
+    got = chunked_loss(hidden, weight, CAP, t, LossConfig(target="sampled", loss_chunk=5))
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logq = naive_logq(h2, w2)
+    rows = []
+    for i in range(N):
+        n = t["sample_counts"][i].sum()
+        rows.append(-sum(c / n * logq[i, u] for u, c in zip(t["sample_ids"][i], t["sample_counts"][i]) if c > 0))
+    ref = torch.stack(rows).mean()
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got, ref)
+    assert torch.allclose(gh, rh, atol=1e-5, rtol=1e-4) and torch.allclose(gw, rw, atol=1e-5, rtol=1e-4)
+
+
+def test_pure_sampling_is_unbiased():
+    """Over many draws the RS-KD estimator's value is the full soft cross-entropy."""
+    teacher, t = pure_sampling_targets(seed=9, draws=1)
+    hidden, weight, _, _ = setup(9)
+    p = teacher.exp()
+    draws = torch.multinomial(p, 100_000, replacement=True, generator=torch.Generator().manual_seed(1))
+    counts = torch.zeros(N, V).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float))
+    t = dict(t, sample_ids=torch.arange(V).expand(N, V), sample_counts=counts)
+    got = chunked_loss(hidden, weight, CAP, t, LossConfig(target="sampled"))
+    ref = -(p * naive_logq(hidden, weight)).sum(-1).mean()
+    assert abs(got.item() - ref.item()) / ref.item() < 2e-3
+
+
+def test_a_draws_only_cache_refuses_the_top_k_targets():
+    from pipeline.losses import check_target
+
+    for target in ("tail", "renorm"):
+        with pytest.raises(PipelineError, match=f"^cache: --kd-target {target} needs top-K targets and this cache "
+                                                "holds only draws"):
+            check_target(target, 0, "cache")
+        check_target(target, 8, "cache")
+    check_target("sampled", 0, "cache")

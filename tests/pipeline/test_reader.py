@@ -1,19 +1,32 @@
-"""The streaming reader: every row once per epoch, exact resumption from a cursor, ranks that together
-equal one process."""
+"""The streaming reader: every row once per epoch (checked against the rows read directly from the shards),
+shuffle buffers that mix row groups from the whole split and never hold more than their token budget,
+exact resumption from a cursor despite the prefetch, ranks that together equal one process and decode
+only their own rows, and a corrupted shard named."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+import pipeline.reader as reader_module
 from pipeline.capture import CaptureConfig, capture
 from pipeline.errors import PipelineError
 from pipeline.reader import Cursor, ReaderConfig, ShardStream
 from pipeline.runtime import Runtime
+from pipeline.shards import ShardWriter
 from pipeline.topk import TopKConfig
+from schemas.common import with_meta
 from schemas.logits import MODE_COLUMNS, SAMPLE_COLUMNS
+from schemas.manifest import TokensStats, shard_record, write_manifest
+from schemas.tokens import TokensMeta, encode, token_schema
 
 KD_COLUMNS = MODE_COLUMNS["tail"]
+SEQ = 8
+SHARDS, ROWS, GROUP = 3, 20, 5  # 3 shards of 20 windows in row groups of 5: 12 chunks
 
 
 @pytest.fixture(scope="module")
@@ -23,46 +36,105 @@ def cache(work, tmp_path_factory):
     return out
 
 
-def windows(stream: ShardStream, batches: int) -> list[int]:
-    return [int(w[0]) * 1 for _ in range(batches) for w in stream.next_batch()["input_ids"][:, :1]]
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """Token shards whose windows are numbered 0..59 (also written into the ids), in row groups of 5."""
+    folder = tmp_path_factory.mktemp("split") / "train"
+    meta = TokensMeta(seq_len=SEQ, vocab_size=1000, tokenizer_fingerprint="x", corpus="synthetic", split="train")
+    schema = token_schema(SEQ)
+    records = []
+    for s in range(SHARDS):
+        windows = np.arange(s * ROWS, (s + 1) * ROWS)
+        ids = np.full((ROWS, SEQ + 1), 7, dtype=np.int32)
+        ids[:, 0], ids[:, 1] = 2, windows + 10
+        path = folder / f"train-{s:05d}.parquet"
+        with ShardWriter(path, with_meta(schema, meta), GROUP) as w:
+            w.write(encode(windows, ids, np.zeros(ROWS, bool), schema))
+        records.append(shard_record(path, ROWS, SEQ, max_id=int(ids.max())))
+    write_manifest(folder, meta, records, TokensStats(max_id=1000))
+    return folder
 
 
-def test_each_epoch_is_a_permutation_of_all_rows(work):
-    stream = ShardStream(work / "tokens" / "train", ("input_ids",), ReaderConfig(batch_size=1, shuffle_rows=16, seed=3))
-    total = stream.total
-    ids = np.concatenate([stream.next_batch()["input_ids"] for _ in range(2 * total)])
-    first, second = ids[:total], ids[total:]
-    key = lambda a: sorted(map(tuple, a.tolist()))  # noqa: E731
-    assert key(first) == key(second)  # the same rows, each once
-    assert not np.array_equal(first, second)  # in another order
-    in_order = ShardStream(work / "tokens" / "train", ("input_ids",), ReaderConfig(1), shuffle=False)
-    assert not np.array_equal(first, np.concatenate([in_order.next_batch()["input_ids"] for _ in range(total)]))
+def direct_rows(folder):
+    """The windows as stored, read with plain pyarrow: {window: input_ids}."""
+    tables = [pq.read_table(p, columns=["window", "input_ids"]) for p in sorted(folder.glob("*.parquet"))]
+    return {w: tuple(ids) for t in tables for w, ids in zip(t["window"].to_pylist(), t["input_ids"].to_pylist())}
 
 
-def test_resume_from_cursor_sees_the_same_rows(cache):
-    cfg = ReaderConfig(batch_size=5, shuffle_rows=7, seed=1)
+def stream_windows(stream, batches):
+    got = [stream.next_batch() for _ in range(batches)]
+    return np.concatenate([b["window"] for b in got]), np.concatenate([b["input_ids"] for b in got])
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_each_epoch_holds_every_stored_row_exactly_once(split, prefetch):
+    stored = direct_rows(split)
+    cfg = ReaderConfig(batch_size=7, shuffle_tokens=2 * GROUP * SEQ, seed=3, prefetch=prefetch)
+    with ShardStream(split, ("window", "input_ids"), cfg) as stream:
+        total = stream.total
+        windows, ids = stream_windows(stream, -(-2 * total // 7))  # two epochs and a bit; batches cross epochs
+    assert total == len(stored) == SHARDS * ROWS
+    for epoch in (windows[:total], windows[total : 2 * total]):
+        assert sorted(epoch.tolist()) == sorted(stored)  # every row once
+    assert not np.array_equal(windows[:total], windows[total : 2 * total])  # another order in the next epoch
+    assert all(tuple(row) == stored[w] for w, row in zip(windows.tolist(), ids))  # each row's own ids
+
+
+def test_buffers_mix_row_groups_from_the_whole_split_within_their_budget(split):
+    cfg = ReaderConfig(batch_size=10, shuffle_tokens=2 * GROUP * SEQ, seed=0, prefetch=0)  # 2 row groups a buffer
+    stream = ShardStream(split, ("window",), cfg)
+    half = [int(w) for _ in range(3) for w in stream.next_batch()["window"]]  # the first half of the epoch
+    assert sum(t.num_rows for t in stream._order._buffer.tables) <= 2 * GROUP  # one buffer of 2 row groups in memory
+    assert {w // ROWS for w in half} == set(range(SHARDS))  # already drawn from every shard
+    for buffer in (half[:10], half[10:20], half[20:30]):
+        chunks = {w // GROUP for w in buffer}
+        assert len(chunks) == 2  # a buffer is 2 whole row groups, its rows permuted
+        assert buffer != sorted(buffer)
+    in_order = ShardStream(split, ("window",), ReaderConfig(batch_size=10, prefetch=0), shuffle=False)
+    assert [int(w) for _ in range(3) for w in in_order.next_batch()["window"]] == list(range(30))
+
+
+def test_resume_from_cursor_sees_the_same_rows_despite_the_prefetch(cache):
+    cfg = ReaderConfig(batch_size=5, shuffle_tokens=16 * 7, seed=1, prefetch=4)
     columns = MODE_COLUMNS["sampled"]
     a = ShardStream(cache / "train", columns, cfg)
     for _ in range(9):
         a.next_batch()
-    cursor = a.cursor
+    cursor = a.cursor  # the thread has read ahead by now; the cursor is still that of the 9th batch
+    assert cursor.offset == 9 * 5
     expected = [a.next_batch() for _ in range(a.total // 5 + 10)]  # runs past the end of the epoch
+    a.close()
     b = ShardStream(cache / "train", columns, cfg, cursor=Cursor(cursor.epoch, cursor.offset))
     for want in expected:
         got = b.next_batch()
         for name in columns:
             assert np.array_equal(got[name], want[name]), name
     assert b.cursor.epoch >= 1
+    b.close()
 
 
-def test_ranks_together_equal_one_process(cache):
-    cfg = ReaderConfig(batch_size=3, shuffle_rows=8, seed=2)
-    one = ShardStream(cache / "train", ("input_ids",), ReaderConfig(6, 8, 2))
-    ranks = [ShardStream(cache / "train", ("input_ids",), cfg, Runtime(rank=r, world=2)) for r in range(2)]
-    for _ in range(20):
+def test_ranks_together_equal_one_process_and_decode_only_their_rows(cache, monkeypatch):
+    decoded = []
+    real = reader_module.decode
+    monkeypatch.setattr(reader_module, "decode", lambda table, *a: decoded.append(table.num_rows) or real(table, *a))
+    one = ShardStream(cache / "train", ("input_ids",), ReaderConfig(6, 16 * 40, 2, prefetch=0))
+    ranks = [ShardStream(cache / "train", ("input_ids",), ReaderConfig(3, 16 * 40, 2, prefetch=0),
+                         Runtime(rank=r, world=2)) for r in range(2)]
+    for _ in range(30):  # past the end of the epoch
         whole = one.next_batch()["input_ids"]
-        parts = np.concatenate([r.next_batch()["input_ids"] for r in ranks])
-        assert np.array_equal(whole, parts)
+        parts = []
+        for r in ranks:
+            decoded.clear()
+            parts.append(r.next_batch()["input_ids"])
+            assert sum(decoded) == 3  # this rank converted its own 3 rows of the global batch, no more
+        assert np.array_equal(whole, np.concatenate(parts))
+    one = ShardStream(cache / "train", ("input_ids",), ReaderConfig(6, 16 * 40, 2, prefetch=0))
+    threaded = [ShardStream(cache / "train", ("input_ids",), ReaderConfig(3, 16 * 40, 2), Runtime(rank=r, world=2))
+                for r in range(2)]
+    for _ in range(30):
+        assert np.array_equal(one.next_batch()["input_ids"], np.concatenate([r.next_batch()["input_ids"] for r in threaded]))
+    for r in threaded:
+        r.close()
 
 
 def test_samples_padded_to_n(cache):
@@ -78,18 +150,18 @@ def test_kd_columns_missing_from_token_shards(work):
 
 
 def test_corrupted_shard_names_the_file(cache, tmp_path):
-    import shutil
-
     shutil.copytree(cache, tmp_path / "c")
-    victim = tmp_path / "c" / "train" / "train-00000.parquet"
-    import pyarrow.parquet as pq
-
+    name = json.loads((cache / "train" / "manifest.json").read_text())["shards"][0]["file"]
+    victim = tmp_path / "c" / "train" / name
     group = pq.read_metadata(victim).row_group(0)
     chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.startswith("topk_ids"))
     at = chunk.data_page_offset + chunk.total_compressed_size // 2  # inside the compressed top-K ids
     data = bytearray(victim.read_bytes())
     data[at : at + 16] = bytes(16)
     victim.write_bytes(bytes(data))
-    stream = ShardStream(tmp_path / "c" / "train", KD_COLUMNS, ReaderConfig(batch_size=500, shuffle_rows=1000), shuffle=False)
-    with pytest.raises(PipelineError, match="train-00000.parquet: cannot read"):
-        stream.next_batch()
+    stream = ShardStream(tmp_path / "c" / "train", KD_COLUMNS, ReaderConfig(batch_size=500, shuffle_tokens=16 * 1000),
+                         shuffle=False)
+    with pytest.raises(PipelineError, match=f"{name}: cannot read"):
+        stream.next_batch()  # raised in the prefetch thread, re-raised here
+    with pytest.raises(PipelineError, match=name):
+        stream.next_batch()  # and again, not a hang

@@ -1,0 +1,202 @@
+"""GPU checks that print numbers; benchmarks/gpu.sh runs them on one GPU, `--toy` runs the same code at toy
+sizes on the CPU (to check the script, not to measure anything).
+
+1. student: one training step of a gemma-2-2b-shape student (V = 256000) on B × T packed document rows:
+   bf16 autocast over float32 weights, flex attention compiled forward + backward, gradient checkpointing,
+   the chunked KD loss, AdamW. Tokens/s and peak memory; the first step (compilation) is reported apart.
+2. mask: the document block mask of B = 8 rows × T = 4096 built as the model builds it on CUDA (compiled
+   create_block_mask) and eagerly: time, peak memory, and whether the two are equal.
+3. capture: stage one's targets (top-K ids, float16 log-probs, tail mass, tail draws) for 8 windows computed
+   at batch 8 and as 8 batches of 1, compared byte for byte. A bf16 GPU matmul may pick another kernel (and
+   summation order) for another shape, so this need not hold there; the result is printed as measured.
+
+    python -m benchmarks.gpu_checks [--toy] [--only student mask capture] [--work runs/gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import device, save, sync, table, timed
+from pipeline.losses import LossConfig, chunked_loss
+from pipeline.model import Gemma2, make_block_mask, preset
+from pipeline.runtime import teacher_dtype
+from pipeline.tokenizer import BOS
+from pipeline.topk import TopKConfig, teacher_targets
+from schemas.tokens import document_ids
+
+
+@dataclass(frozen=True)
+class Sizes:
+    model: str  # preset of the student and of the capture's teacher
+    vocab: int
+    batch: int  # student step rows
+    seq: int  # tokens per row (student step, block mask, capture)
+    steps: int  # timed student steps after the compiling one
+    mask_batch: int
+    windows: int  # capture windows (batch N vs N × batch 1)
+    mean_doc: int  # mean document length in the packed rows
+
+
+GPU = Sizes("gemma-2-2b", 256000, batch=2, seq=4096, steps=3, mask_batch=8, windows=8, mean_doc=1200)
+TOY = Sizes("debug", 512, batch=2, seq=96, steps=2, mask_batch=8, windows=8, mean_doc=30)
+
+
+def packed_rows(rows: int, length: int, vocab: int, mean_doc: int, dev: torch.device, seed: int = 0) -> torch.Tensor:
+    """Random token rows in the window format: `<bos>` first, documents of geometric lengths each starting
+    with `<bos>`."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, size=(rows, length))
+    starts = rng.random((rows, length)) < 1 / mean_doc
+    starts[:, 0] = True
+    ids[starts] = BOS
+    return torch.from_numpy(ids).to(dev)
+
+
+def random_model(name: str, vocab: int, dev: torch.device, dtype: torch.dtype = torch.float32) -> Gemma2:
+    """Random weights made on the device (a 2B initialised on the CPU takes minutes)."""
+    with torch.device("meta"):
+        model = Gemma2(preset(name, vocab_size=vocab)).to(dtype)
+    model.init_weights(0, dev)
+    return model
+
+
+def peak_bytes(dev: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+
+
+def reset_peak(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+def student_step(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """The training step at a real student shape: compiled flex on CUDA (the math path on the CPU, where flex
+    has no backward)."""
+    model = random_model(s.model, s.vocab, dev)
+    model.gradient_checkpointing = True
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+    ids = packed_rows(s.batch, s.seq + 1, s.vocab, s.mean_doc, dev)
+    inputs, n = ids[:, :-1], s.batch * s.seq
+    docs = document_ids(inputs)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lp = torch.log_softmax(torch.randn(n, 64, generator=g), -1) - 0.3
+    targets = {"labels": ids[:, 1:].reshape(-1), "topk_ids": torch.randint(0, s.vocab, (n, 64), generator=g).to(dev),
+               "topk_logprobs": lp.to(dev), "tail_mass": (1 - lp.exp().sum(-1)).to(dev)}
+    loss_cfg = LossConfig(kind="kd", target="tail", loss_chunk=1024)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            hidden = model.hidden_states(inputs, docs).reshape(n, -1)
+            loss = chunked_loss(hidden, model.head_weight, model.config.final_logit_softcapping, targets, loss_cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    step()  # compiles flex forward and backward (CUDA) and allocates the AdamW state
+    sync()
+    first = time.perf_counter() - start
+    reset_peak(dev)
+    seconds = timed(step, repeats=s.steps, warmup=0)
+    row = {"shape": f"{s.model} V={s.vocab}", "tokens": n, "first_step_s": first, "step_s": seconds,
+           "tok_s": n / seconds, "peak_gib": gib(peak_bytes(dev)),
+           "params_b": model.config.num_parameters() / 1e9}
+    attention = "compiled flex" if model.masks(s.seq, docs, dev).compiled else "math"
+    print(table(f"Student step: bf16 autocast, {attention} attention forward + backward, gradient checkpointing, "
+                "chunked KD loss, AdamW (peak: torch.cuda.max_memory_allocated)", [row]))
+    return row
+
+
+def block_mask_cost(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """The document block mask, compiled (the model's CUDA path) vs eager create_block_mask."""
+    docs = document_ids(packed_rows(s.mask_batch, s.seq, s.vocab, s.mean_doc, dev, seed=1))
+    rows, masks = [], {}
+    for name, compiled in (("compiled", True), ("eager", False)):
+        start = time.perf_counter()
+        masks[name] = make_block_mask(s.seq, None, docs, dev, compiled)
+        sync()
+        first = time.perf_counter() - start
+        reset_peak(dev)
+        before = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+        seconds = timed(lambda c=compiled: make_block_mask(s.seq, None, docs, dev, c), repeats=3)
+        peak = peak_bytes(dev)
+        rows.append({"build": name, "B": s.mask_batch, "T": s.seq, "first_s": first, "ms": seconds * 1e3,
+                     "peak_extra_gib": gib(None if peak is None else peak - before)})
+    same = bool(torch.equal(masks["compiled"].to_dense(), masks["eager"].to_dense())
+                and torch.equal(masks["compiled"].full_kv_num_blocks, masks["eager"].full_kv_num_blocks))
+    print(table(f"Document block mask (causal + documents): compiled == eager: {same}", rows))
+    return {"rows": rows, "equal": same}
+
+
+def capture_invariance(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """Stage one's targets for the same windows at batch N and at batch 1, compared byte for byte."""
+    dtype = teacher_dtype(dev)
+    model = random_model(s.model, s.vocab, dev, dtype).eval()
+    with torch.no_grad():  # a peaked distribution, as a trained teacher's (random weights are near uniform)
+        model.model.embed_tokens.weight.mul_(5)
+    ids = packed_rows(s.windows, s.seq + 1, s.vocab, s.mean_doc, dev, seed=2)
+    cfg = TopKConfig(topk=64, samples=16)
+    together = teacher_targets(model, ids, list(range(s.windows)), cfg)
+    alone = [teacher_targets(model, ids[i : i + 1], [i], cfg) for i in range(s.windows)]
+    rows = []
+    for field in ("topk_ids", "topk_logprobs", "tail_mass", "sample_ids", "sample_counts"):
+        a = getattr(together, field)
+        b = np.concatenate([getattr(t, field) for t in alone])
+        row: dict[str, Any] = {"field": field, "dtype": str(a.dtype), "bytes_equal": a.tobytes() == b.tobytes()}
+        if a.shape == b.shape:  # per position ([B, T, ...] fields) or per draw (flat fields)
+            differ = (a != b).reshape(a.shape[0] * a.shape[1], -1).any(-1) if a.ndim > 1 else a != b
+            row["differing"] = f"{int(differ.sum())}/{len(differ)}"
+            if a.dtype.kind == "f":
+                row["max_abs_diff"] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+        else:  # draws: the number per position may differ once the distributions do
+            row["differing"] = f"lengths {len(a)} vs {len(b)}"
+        rows.append(row)
+    same = all(r["bytes_equal"] for r in rows)
+    note = ("identical" if same else "NOT identical: batch size changes the bits (kernel choice / summation order); "
+            "a cache is reproducible only at the batch size it was made with")
+    print(table(f"Capture, {s.windows} windows × {s.seq} tokens, {s.model} teacher in {str(dtype).removeprefix('torch.')}"
+                f" on {dev.type}: batch {s.windows} vs batch 1: {note}", rows))
+    return {"rows": rows, "identical": same, "dtype": str(dtype)}
+
+
+CHECKS = {"student": student_step, "mask": block_mask_cost, "capture": capture_invariance}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_checks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="toy sizes (debug preset, short rows): runs on the CPU")
+    p.add_argument("--only", nargs="+", choices=tuple(CHECKS), default=list(CHECKS))
+    p.add_argument("--work", type=Path, default=Path("runs/gpu"))
+    args = p.parse_args()
+    dev = device()
+    if dev.type != "cuda" and not args.toy:
+        p.error("no GPU here: run with --toy for the CPU at toy sizes")
+    sizes = TOY if args.toy else GPU
+    machine = torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU"
+    print(f"gpu_checks on {machine}, torch {torch.__version__}, sizes {sizes}")
+    results: dict[str, Any] = {"machine": machine, "torch": torch.__version__, "sizes": sizes.__dict__}
+    for name in args.only:
+        start = time.perf_counter()
+        results[name] = CHECKS[name](sizes, dev)
+        print(f"{name}: {time.perf_counter() - start:.0f} s")
+        reset_peak(dev)
+    save(args.work / "bench", "gpu_checks_toy" if args.toy else "gpu_checks", results)
+
+
+if __name__ == "__main__":
+    main()
