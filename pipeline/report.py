@@ -185,7 +185,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        text = f"{v:.{digits}f}"
+        return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # "-0.000" (float noise) is 0
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 

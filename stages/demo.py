@@ -1,5 +1,5 @@
 """`make demo`: the whole chain on the embedded default, reproducing Gemma 2's distillation result in
-miniature: tokens → teacher → teacher-logits → for each student size a KD student and a CE (from-scratch)
+miniature: tokens → teacher → teacher-logits → verify → for each student size a KD student and a CE (from-scratch)
 twin on the same windows and token budget → the other cache modes of the first size → the compact cache of
 the same windows and the first size's KD run from it → the first size's KD run with a data selection → two
 continuations of its KD run, merged → report. Each step is the same stage a user runs, with the same `--config` file (its tables are
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     step("tokens: stdlib corpus -> tokenizer -> token shards", "tokenize")
     step("teacher: hard-label training of the demo teacher", "teacher", "--precision", prec)
     step("teacher-logits: top-K cache", "teacher_logits")
+    step("verify: the cache against its manifest, and the teacher re-run on sampled windows", "verify")
     sizes = demo["sizes"]
     for loss in ("kd", "ce"):
         students = [f"{name}-{loss}={preset}" for name, preset in sizes.items()]
