@@ -17,7 +17,7 @@ from benchmarks.common import device, peak_flops, sync, table, timed
 from pipeline.capture import CaptureConfig
 from pipeline.model import Gemma2, preset
 from pipeline.shards import ShardWriter
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import BOS, Tokenizer
 from pipeline.topk import TopKConfig, teacher_targets
 from schemas.common import with_meta
 from schemas.manifest import TokensStats, shard_record, write_manifest
@@ -31,10 +31,11 @@ def synthetic_tokens(folder: Path, tokenizer: Tokenizer, vocab: int, seq_len: in
         meta = TokensMeta(seq_len=seq_len, vocab_size=vocab, tokenizer_fingerprint=tokenizer.fingerprint,
                           corpus="synthetic", split=split)
         ids = rng.integers(4, vocab, size=(n, seq_len + 1), dtype=np.int32)
+        ids[:, 0] = BOS  # every window starts with <bos>; one document each
         schema = token_schema(seq_len)
         path = folder / split / f"{split}-00000.parquet"
         with ShardWriter(path, with_meta(schema, meta), 1024) as w:
-            w.write(encode(np.arange(n), ids, schema))
+            w.write(encode(np.arange(n), ids, np.zeros(n, bool), schema))
         write_manifest(folder / split, meta, [shard_record(path, n, seq_len, max_id=int(ids.max()))],
                        TokensStats(max_id=int(ids.max())))
 
