@@ -10,7 +10,7 @@ The synthetic teacher (`SyntheticTeacher`):
   ones (N(6, 1.5)) drawn in proportion to frequency^0.8, their boosts scaled by a per-position sharpness
   e^N(0, 0.3) — then Gemma's final soft-cap 30·tanh(z/30);
 - which gives (printed with each run) a mean entropy ≈ 2.5 nats (10/50/90%: ≈ 0.3/1.8/5.9, max ≈ 9), top-1
-  probability ≈ 0.56, mass outside the top 8 ≈ 0.17 and the top 64 ≈ 0.11, top-8 ids mostly below 1000.
+  probability ≈ 0.56, mass outside the top 8 ≈ 0.17 and the top 64 ≈ 0.12, top-8 ids mostly below 1000.
 The labels (for `label_logprob`) are drawn from the teacher itself.
 
 Students for the gradient cosine, taken w.r.t. the student's logits: z_s = a·z_t + N(0, σ²), soft-capped:

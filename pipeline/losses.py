@@ -82,7 +82,8 @@ def resolve_temperature(loss: LossConfig, cache_temperature: float) -> LossConfi
 
 def resolve_target(target: str, has_samples: bool) -> str:
     """`auto` uses the cache's tail draws when it has them: the unbiased estimator, and in our measurements
-    the one whose gradient stays closest to full-distribution KD (cosine 0.999 vs 0.79 for the tail bucket)."""
+    the one whose gradient stays closest to full-distribution KD (on the demo teacher, the parameter-gradient
+    cosine of top-64 + 16 draws is 0.998, of the tail bucket 0.94: `python -m benchmarks.run --only fidelity`)."""
     if target != "auto":
         return target
     return "sampled" if has_samples else "tail"

@@ -286,9 +286,11 @@ def missing_columns(columns: tuple[str, ...], available: list[str], meta: Any) -
 
 def decode(table: pa.Table, columns: tuple[str, ...], meta: Any = None) -> dict[str, np.ndarray]:
     """Columns → dense numpy arrays [rows, T(, K)]: ids int32 and counts uint16 as stored, log-probs and
-    signals float32 whatever their encoding (`meta`: the cache's metadata; None or token shards: plain
-    columns); the variable-length tail draws are padded with zeros (id 0, count 0) to at least N entries;
+    signals float32 whatever their encoding (`meta`: the cache's metadata, typed or the JSON dict of a shard's
+    `distill` key; None or token shards: plain columns); the variable-length tail draws are padded with zeros (id 0, count 0) to at least N entries;
     `label_mask` is derived."""
+    if isinstance(meta, dict):  # the JSON of a shard's `distill` key, as plain pyarrow users read it
+        meta = from_json(LogitsShardMeta if "source_shard" in meta else LogitsMeta, meta, "decode(meta=…)")
     enc, samples = Encoding.of(meta), getattr(meta, "samples", 0)
     out: dict[str, np.ndarray] = {}
     for name in columns:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pipeline.capture import CACHE_PRESETS
 from pipeline.errors import PipelineError
 from pipeline.runtime import fast_cpu_bf16
 from stages._cli import STAGES, layout, load_config, run, stage_parser
@@ -65,9 +66,12 @@ class Steps:
         self.common = ["--work", str(work), "--config", str(config)]
         self.extra, self.target = extra, target
 
-    def __call__(self, title: str, stage: str, *args: str) -> None:
+    def __call__(self, title: str, stage: str, *args: str, keep: frozenset[str] = frozenset()) -> None:
+        """Runs one stage with the --set overrides of that stage, except those of the flags in `keep`."""
         print(f"\n== {title}  [{time.perf_counter() - self.start:.0f} s]", flush=True)
-        cmd = [sys.executable, "-m", f"stages.{stage}", *self.common, *args, *self.extra.get(stage, [])]
+        extra = self.extra.get(stage, [])
+        extra = [x for flag, value in zip(extra[::2], extra[1::2]) if flag not in keep for x in (flag, value)]
+        cmd = [sys.executable, "-m", f"stages.{stage}", *self.common, *args, *extra]
         result = subprocess.run(cmd)
         if result.returncode != 0:
             raise PipelineError(f"demo step '{title}' failed (exit {result.returncode}); fix the error above and rerun "
@@ -106,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         step(f"student {first}-kd with cache mode {mode}", "train_student", "--precision", prec, "--kd-target", mode,
              "--student", f"{first}-kd-{mode}={preset}")
     compact = work.work / demo["compact_cache"]
+    # `make demo TOPK=32` sets the main cache; the compact one stays what its preset says.
+    preset_flags = frozenset(f"--{k.replace('_', '-')}" for k in CACHE_PRESETS[demo["compact_preset"]])
     step(f"teacher-logits: {demo['compact_preset']} cache of the same windows", "teacher_logits", "--cache-preset",
-         demo["compact_preset"], "--cache", str(compact))
+         demo["compact_preset"], "--cache", str(compact), keep=preset_flags)
     step(f"student {first}-kd-compact from the {demo['compact_preset']} cache", "train_student", "--precision", prec,
          "--cache", str(compact), "--student", f"{first}-kd-compact={preset}")
     step(f"student {first}-kd-select: --select {demo['select']}", "train_student", "--precision", prec,

@@ -16,6 +16,9 @@ MAKE_ONLY = {
     "MERGE_INPUTS": "merge: the model folders to average", "EXTRA": "more flags for the stage",
     "PROMPT": "generate: the prompt (read from the environment, so quotes and backticks survive)",
     "LAUNCH": "prefix of the GPU stages, e.g. \"accelerate launch --num_processes 8\" (default: the venv's python)",
+    "VENV": "the virtual environment make install creates and every target uses (default: .venv)",
+    "TORCH_SPEC": "the torch requirement make install installs (default: torch==2.13.0, a CPU wheel here; "
+                  "plain torch for a CUDA build)",
 }
 
 

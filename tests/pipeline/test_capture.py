@@ -158,6 +158,23 @@ def test_every_encoding_decodes_to_the_same_targets(work, cache, tmp_path, codin
         assert np.array_equal(got[column], ref[column]), column
 
 
+def test_decode_reads_the_metadata_as_plain_pyarrow_users_have_it(cache):
+    """`decode(table, columns, json.loads(metadata[b"distill"]))` — the README's way — decodes the default
+    delta-coded cache as the typed metadata does (a dict read as "no encoding" would give gaps, not ids)."""
+    from schemas.logits import decode
+
+    path = cache / "val" / read_manifest(cache / "val", "logits").shards[0].file
+    table = pq.read_table(path)
+    columns = ("topk_ids", "topk_logprobs", "tail_mass", "sample_ids")
+    raw = json.loads(table.schema.metadata[b"distill"])
+    assert raw["id_coding"] == "delta"
+    got, ref = decode(table, columns, raw), decode(table, columns, validate_logits_shard(path))
+    for column in columns:
+        assert np.array_equal(got[column], ref[column]), column
+    stored = np.array(table["topk_ids"][0][1].as_py())
+    assert np.array_equal(np.cumsum(stored), ref["topk_ids"][0, 1])  # the README's plain-pyarrow decoding
+
+
 def test_pure_sampling_cache_draws_from_the_whole_distribution(work, tmp_path):
     """K = 0: no top-K columns, tail mass 1 where a position trains, N draws (unique ids ascending, counts)
     whose frequencies over many draws follow the teacher's full distribution (run on each document alone)."""
