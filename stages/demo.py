@@ -27,12 +27,17 @@ DEMO_KEYS = {"independent_seed", "sizes", "cache_modes", "merge_seeds", "merge_l
              "compact_preset", "select"}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = stage_parser("demo", __doc__)
-    p.set_defaults(config=Path("configs/demo.toml"))
+def demo_parser(name: str, doc: str | None, config: str) -> argparse.ArgumentParser:
+    """A demo's CLI (make demo, make demo-chat): its config file, and `--set` overrides of its steps."""
+    p = stage_parser(name, doc)
+    p.set_defaults(config=Path(config))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one stage setting, e.g. teacher_logits.topk=32 (repeatable)")
+                   help="override one setting of the stage a step runs, e.g. teacher_logits.topk=32 (repeatable)")
     return p
+
+
+def parser() -> argparse.ArgumentParser:
+    return demo_parser("demo", __doc__, "configs/demo.toml")
 
 
 def precision() -> str:
@@ -78,20 +83,19 @@ class Steps:
                                 f"`{self.target}`: finished steps are kept")
 
 
-def demo_settings(config: Path) -> dict[str, Any]:
-    demo = load_config(config).get("demo", {})
-    unknown = set(demo) - DEMO_KEYS
-    if unknown:
-        raise PipelineError(f"{config}: unknown keys {sorted(unknown)} in [demo]; valid: {sorted(DEMO_KEYS)}")
-    missing = DEMO_KEYS - set(demo)
-    if missing:
-        raise PipelineError(f"{config}: [demo] lacks {sorted(missing)}")
-    return demo
+def demo_table(config: Path, section: str, keys: set[str]) -> dict[str, Any]:
+    """The demo's own [section] of its config file, which must hold exactly `keys`."""
+    table = load_config(config).get(section, {})
+    unknown, missing = set(table) - keys, keys - set(table)
+    if unknown or missing:
+        raise PipelineError(f"{config}: [{section}] has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
+                            f"its keys are {sorted(keys)}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    demo = demo_settings(args.config)
+    demo = demo_table(args.config, "demo", DEMO_KEYS)
     work, prec = layout(args), precision()
     step = Steps(args.work, args.config, parse_overrides(args.overrides))
     print(f"demo in {args.work}: precision {prec}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")

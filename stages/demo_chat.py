@@ -13,35 +13,20 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline.errors import PipelineError
 from pipeline.instructions import BLOCKLIST, write_instructions
 from pipeline.layout import Layout
 from pipeline.train import unfinished
-from stages._cli import load_config, run, stage_parser
-from stages.demo import Steps, parse_overrides, precision
+from stages._cli import run
+from stages.demo import Steps, demo_parser, demo_table, parse_overrides, precision
 
 KEYS = {"student", "student_init", "base_config"}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = stage_parser("demo_chat", __doc__)
-    p.set_defaults(config=Path("configs/demo_chat.toml"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one setting of a chat step, e.g. teacher_logits.topk=32 (repeatable)")
-    return p
-
-
-def settings(config: Path) -> dict[str, Any]:
-    table = load_config(config).get("demo_chat", {})
-    unknown, missing = set(table) - KEYS, KEYS - set(table)
-    if unknown or missing:
-        raise PipelineError(f"{config}: [demo_chat] has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
-                            f"its keys are {sorted(KEYS)}")
-    return table
+    return demo_parser("demo_chat", __doc__, "configs/demo_chat.toml")
 
 
 def finished(folder: Path) -> bool:
@@ -62,7 +47,7 @@ def base_steps(step: Steps, base: Layout, student: str, preset: str, prec: str) 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    demo = settings(args.config)
+    demo = demo_table(args.config, "demo_chat", KEYS)
     base, chat = Layout(args.work), Layout(args.work / "chat")
     prec = precision()
     print(f"chat demo in {chat.work}: precision {prec}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
