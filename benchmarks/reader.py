@@ -30,7 +30,7 @@ from pipeline.reader import ReaderConfig, ShardStream
 from pipeline.runtime import Runtime
 from pipeline.shards import ShardWriter, rows_per_group
 from schemas.common import with_meta
-from schemas.logits import MODE_COLUMNS, LogitsMeta, LogitsShardMeta, Targets, encode, logits_schema
+from schemas.logits import MODE_COLUMNS, LogitsMeta, LogitsShardMeta, Targets, encode, logits_schema, row_bytes
 from schemas.manifest import LogitsStats, shard_record, write_manifest
 
 
@@ -67,13 +67,12 @@ def write_cache(folder: Path, windows: int, seq_len: int, vocab: int, topk: int,
     meta = LogitsMeta(seq_len=seq_len, vocab_size=vocab, topk=topk, samples=samples, sample_seed=0,
                       tokenizer_fingerprint="synthetic", teacher_fingerprint="synthetic", split="train")
     schema = logits_schema(seq_len, topk, samples)
-    row_bytes = seq_len * (topk * 6 + 4 + samples * 6) + (seq_len + 1) * 4  # as stage one sizes its row groups
     records = []
     for s, start in enumerate(range(0, windows, shard_windows)):
         n = min(shard_windows, windows - start)
         path = split / f"train-{s:05d}.parquet"
         shard_meta = LogitsShardMeta(**vars(meta), source_shard=path.name, source_sha256="synthetic")
-        with ShardWriter(path, with_meta(schema, shard_meta), rows_per_group(row_bytes)) as writer:
+        with ShardWriter(path, with_meta(schema, shard_meta), rows_per_group(row_bytes(seq_len, topk, samples))) as writer:
             for lo in range(0, n, 8):
                 b = min(8, n - lo)
                 ids = rng.integers(3, vocab, (b, seq_len + 1), dtype=np.int32)

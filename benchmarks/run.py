@@ -16,6 +16,7 @@ import torch
 from benchmarks import fidelity, reader, storage, student_step, teacher
 from benchmarks import tokenize as tokenize_bench
 from benchmarks.common import save
+from pipeline.layout import Layout
 from pipeline.tokenizer import Tokenizer
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity", "storage", "tokenize"))
     p.add_argument("--big-gb", type=float, default=1.0, help="tokenize: size of the single-file corpus")
     args = p.parse_args()
-    out = args.work / "bench"
+    out = Layout(args.work).bench
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"benchmarks on {machine}, torch {torch.__version__}")
     only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize"))

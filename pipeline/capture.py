@@ -63,6 +63,7 @@ from schemas.logits import (
     Targets,
     decode,
     encode,
+    row_bytes,
     schema_of,
     validate_logits_shard,
     write_options,
@@ -391,7 +392,6 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: Log
     columns = decode(table, ("window", "input_ids", "continued", "label_mask") + (("loss_mask",) if chat else ()))
     ids, windows, mask = columns["input_ids"], columns["window"], columns["label_mask"]
     schema, encoding = schema_of(meta), meta.encoding
-    row_bytes = seq_len * (k * 6 + 8 + meta.samples * 6) + (seq_len + 1) * 4
     stats = ShardStats()
 
     def write(targets: Targets, rows: slice) -> None:  # on the background thread
@@ -399,7 +399,8 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: Log
                             columns["loss_mask"][rows] if chat else None, encoding))
         stats.add(targets, mask[rows])
 
-    with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes), options=write_options(schema)) as writer:
+    with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes(seq_len, k, meta.samples)),
+                     options=write_options(schema)) as writer:
         with Background(cfg.background_writes) as background:
             for start in range(0, len(ids), cfg.batch_size):
                 rows = slice(start, start + cfg.batch_size)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.model import softcap_
 from pipeline.settings import setting
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
@@ -210,9 +211,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for s in range(0, hidden.shape[0], cfg.loss_chunk):
             h = hidden[s : s + cfg.loss_chunk]
             chunk = {k: v[s : s + cfg.loss_chunk] for k, v in targets.items()}
-            z = (h @ weight.T).float()
-            if cap is not None:  # the student's final soft-cap, in place
-                z = z.div_(cap).tanh_().mul_(cap)
+            z = softcap_((h @ weight.T).float(), cap)  # the student's final soft-cap, in place
             rows, dz = loss_and_grad(z, chunk, cfg)
             total += rows.sum()
             if need:

@@ -207,6 +207,11 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
+def softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`softcap` in place, for a fresh [rows, V] logits buffer outside autograd: no second buffer of that size."""
+    return x if cap is None else x.div_(cap).tanh_().mul_(cap)
+
+
 # --- Attention masks and the two attention paths --------------------------------------------------
 
 

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 
+from pipeline.capture import HASH_CACHE
 from pipeline.checkpoint import load_config, load_model, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import cached_sha256, read_json, write_json
 from pipeline.layout import Layout
+from pipeline.runtime import teacher_dtype
 from pipeline.train import unfinished
 from schemas.common import to_json
 from schemas.logits import MODE_COLUMNS, TOPK_COLUMNS, WINDOW
@@ -44,18 +47,22 @@ class Paths:
         return cls(layout.cache, layout.teacher, layout.students, layout.report)
 
 
-def cached_eval(model_dir: Path, val: Path) -> dict[str, float]:
-    """Evaluates a model folder on the val cache once; the result is kept beside the weights, keyed by the
-    weights' and the cache's hashes."""
+def cached_eval(model_dir: Path, val: Path, teacher: bool = False) -> dict[str, float]:
+    """Evaluates a model folder on the val cache once, on the GPU when there is one; the result is kept
+    beside the weights, keyed by the weights' and the cache's hashes. Students are evaluated in float32; the
+    teacher in the dtype stage one runs it in on this device (bf16 on a GPU: a 27B does not fit in float32)."""
     path = model_dir / "eval.json"
     # Single or sharded weights; their hashes remembered beside the result, so a rerun reads no weights.
-    key = {"weights": model_fingerprint(model_dir, file_hash=cached_sha256(model_dir / ".eval_hashes.json")),
+    # The teacher's weight hashes are the ones stage one remembered beside the cache (54 GB for a 27B: once).
+    hashes = val.parent / HASH_CACHE if teacher else model_dir / ".eval_hashes.json"
+    key = {"weights": model_fingerprint(model_dir, file_hash=cached_sha256(hashes)),
            "val": [s.sha256 for s in read_manifest(val, "logits").shards]}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["metrics"]
-    metrics = evaluate(load_model(model_dir, dtype=None), val)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate(load_model(model_dir, dtype=teacher_dtype(device) if teacher else None, device=device), val)
     write_json(path, {"key": key, "metrics": metrics})
     return metrics
 
@@ -107,7 +114,7 @@ def collect(paths: Paths) -> list[dict[str, Any]]:
     if (paths.teacher / "config.json").is_file() and teacher_unfinished:
         print(f"skipping the teacher: {teacher_unfinished}", file=sys.stderr)
     elif (paths.teacher / "config.json").is_file():
-        m = cached_eval(paths.teacher, val)
+        m = cached_eval(paths.teacher, val, teacher=True)
         trained_here = (paths.teacher / "run_config.json").is_file()  # the demo teacher; a real one is not
         spec = read_run_config(paths.teacher).student if trained_here else ""
         final = _final_metrics(paths.teacher) if (paths.teacher / "metrics.jsonl").is_file() else {}

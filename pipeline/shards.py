@@ -1,14 +1,13 @@
 """Parquet shard writing: temporary name, fixed-size row groups, zstd, rename on success.
 
 Row groups hold a fixed number of rows (never "whatever one batch was"), so the bytes of a shard do not
-depend on batch size, rank count or restarts. Compression and writing can run on a background thread while
-the caller computes the next batch (pyarrow releases the GIL while it compresses).
+depend on batch size, rank count or restarts. (Stage one runs its writers on a background thread:
+pipeline/capture.py `Background`.)
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,8 +44,8 @@ def _leaf(t: pa.DataType) -> pa.DataType:
 class ShardWriter:
     """Writes one shard; the final name appears only when every row is on disk."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int, background: bool = False,
-                 level: int = 3, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int, level: int = 3,
+                 options: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.schema = schema
         self.group = rows_per_group
@@ -57,8 +56,6 @@ class ShardWriter:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
-        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
-        self.futures: list[Future[None]] = []
         self.footer: dict[bytes, bytes] = {}  # extra key-value metadata, written when the shard closes
 
     def __enter__(self) -> ShardWriter:
@@ -66,15 +63,6 @@ class ShardWriter:
 
     def write(self, table: pa.Table) -> None:
         self.rows += table.num_rows
-        if self.pool is None:
-            self._append(table)
-            return
-        self.futures.append(self.pool.submit(self._append, table))
-        # Bound the queue: at most two batches waiting, so memory stays flat if the disk is slow.
-        while len(self.futures) > 2:
-            self.futures.pop(0).result()
-
-    def _append(self, table: pa.Table) -> None:
         self.pending.append(table.cast(self.schema) if table.schema != self.schema else table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.group:
@@ -85,8 +73,6 @@ class ShardWriter:
             self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def _finish(self) -> None:
-        for f in self.futures:
-            f.result()
         if self.pending_rows:
             self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.group)
         if self.footer:
@@ -98,15 +84,11 @@ class ShardWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self._finish()
+            return
         try:
-            if exc_type is None:
-                self._finish()
+            self.writer.close()
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-            if exc_type is not None:
-                try:
-                    self.writer.close()
-                finally:
-                    self.tmp.unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import Gemma2
+from pipeline.model import Gemma2, softcap_
 from pipeline.settings import setting
 from schemas.logits import Targets
 from schemas.tokens import document_ids
@@ -105,8 +105,7 @@ def head_logits(model: Gemma2, h: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     float32 [c, V] buffer instead of three. Also [c] bool: the row was finite before the soft-cap."""
     z = (h @ model.head_weight.T).float()
     finite = torch.isfinite(z.amax(dim=-1)) & torch.isfinite(z.amin(dim=-1))  # NaN propagates through both
-    cap = model.config.final_logit_softcapping
-    return (z if cap is None else z.div_(cap).tanh_().mul_(cap)), finite
+    return softcap_(z, model.config.final_logit_softcapping), finite
 
 
 def sub_rows(rows: int) -> int:

@@ -466,12 +466,15 @@ def train_step(run: Run) -> tuple[float, float, bool]:
     runtime = run.runtime
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, run.config.total_steps, run.optim)
-    batches = [to_torch(run.stream.next_batch(), runtime.device) for _ in range(run.grad_accum)]
-    positions = parallel.all_reduce_sum(sum(b["label_mask"].sum() for b in batches).float(), runtime)
+    # The step's batches stay in host memory (numpy) until their micro-step: only the denominator needs all.
+    batches = [run.stream.next_batch() for _ in range(run.grad_accum)]
+    trained = sum(int(b["label_mask"].sum()) for b in batches)
+    positions = parallel.all_reduce_sum(torch.tensor(float(trained), device=runtime.device), runtime)
     # DDP and FSDP average gradients over ranks: each rank's sum is scaled by world / positions.
     denominator = positions.clamp(min=1.0) / runtime.world
     running = torch.zeros((), device=runtime.device)
-    for micro, batch in enumerate(batches):
+    for micro, arrays in enumerate(batches):
+        batch = to_torch(arrays, runtime.device)
         with parallel.gradient_sync(run.wrapped, micro == run.grad_accum - 1):
             with autocast(run.dtype, runtime.device):
                 value = run.wrapped(batch, denominator)

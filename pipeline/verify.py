@@ -48,7 +48,10 @@ from pipeline.runtime import teacher_dtype
 from pipeline.settings import setting
 from pipeline.topk import NonFiniteLogits, TopKConfig, teacher_targets
 from schemas.logits import (
+    SAMPLE_COLUMNS,
     SIGNAL_COLUMNS,
+    TAIL_COLUMNS,
+    TOPK_COLUMNS,
     LogitsMeta,
     decode,
     logprob_rounding,
@@ -60,8 +63,7 @@ from schemas.manifest import MANIFEST, Manifest
 from schemas.tokens import TokensMeta
 
 WINDOW_COLUMNS = ("window", "input_ids", "label_mask")
-TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "tail_mass")
-SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
+TOPK_AND_TAIL = (*TOPK_COLUMNS, *TAIL_COLUMNS)  # what every cache holds (the draws only with samples)
 SUM_ATOL = 1e-4  # float32 log-sum-exp and tail sums over the vocabulary
 # Settings that may differ between the splits of one cache or one token build.
 PER_SPLIT = ("split", "source_shard", "source_sha256")
@@ -233,7 +235,7 @@ def check_shard(path: Path, record: Any, meta: LogitsMeta, report: Report) -> tu
 
 def check_values(path: Path, meta: LogitsMeta, report: Report) -> tuple[np.ndarray, int] | None:
     """The value invariants, one row group at a time; one line per kind of problem with its first window."""
-    columns = (WINDOW_COLUMNS + TARGET_COLUMNS + (SAMPLE_COLUMNS if meta.samples else ())
+    columns = (WINDOW_COLUMNS + TOPK_AND_TAIL + (SAMPLE_COLUMNS if meta.samples else ())
                + (SIGNAL_COLUMNS if meta.signals else ()))
     found: dict[str, list[Any]] = {}  # what → [count, first window, first position]
     windows, positions = [], 0
@@ -416,7 +418,7 @@ def recheck(manifests: dict[str, Manifest], cache: Path, cfg: VerifyConfig, teac
 
 def _recheck_batch(model: Any, path: Path, start: int, size: int, rows: list[int], topk: TopKConfig,
                    tolerance: float, device: torch.device, meta: LogitsMeta, report: Report) -> None:
-    columns = ("window", "input_ids", "label_mask") + TARGET_COLUMNS + (SIGNAL_COLUMNS if meta.signals else ())
+    columns = WINDOW_COLUMNS + TOPK_AND_TAIL + (SIGNAL_COLUMNS if meta.signals else ())
     table = _read_rows(path, stored_columns(columns, pq.read_schema(path).names), start, start + size)
     cached = decode(table, columns, meta)
     try:

@@ -181,6 +181,12 @@ def logits_schema(seq_len: int, topk: int, samples: int, chat: bool = False, ver
     return pa.schema(fields)
 
 
+def row_bytes(seq_len: int, topk: int, samples: int) -> int:
+    """A row's uncompressed size as stage one sizes its row groups: per position K ids and log-probs (6
+    bytes each), the tail mass and the two signals (8), the draws (6 each); the window's ids."""
+    return seq_len * (topk * 6 + 8 + samples * 6) + (seq_len + 1) * 4
+
+
 def schema_of(meta: LogitsMeta) -> pa.Schema:
     return logits_schema(meta.seq_len, meta.topk, meta.samples, meta.format == "chat", meta.schema_version,
                          meta.encoding)
