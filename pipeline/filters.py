@@ -312,7 +312,7 @@ class Sketch:
                 joined = joined[-(SHINGLE_WORDS - 1):]
             self.carry = joined
         if self.filters.phrases and not self.blocked:
-            scan = self.tail + " " + normalize(text if blocklist_text is None else blocklist_text)
+            scan = self.tail + " " + (norm if blocklist_text is None else normalize(blocklist_text))
             self.blocked = self.filters.blocked(scan)
             self.tail = scan[-self.span:]
 
