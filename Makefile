@@ -24,8 +24,8 @@ SETTINGS := \
   CORPUS_TOKENS:tokenize:corpus_tokens VAL_TOKENS:tokenize:val_tokens WORKERS:tokenize:workers \
   FORMAT:tokenize:format MESSAGES_COLUMN:tokenize:messages_column FILTERS:tokenize:filters \
   NEAR_THRESHOLD:tokenize:near_threshold MIN_CHARS:tokenize:min_chars MAX_CHARS:tokenize:max_chars \
-  BLOCKLIST:tokenize:blocklist \
-  TEMPERATURE:generate:temperature SEED:generate:seed \
+  BLOCKLIST:tokenize:blocklist TEXT_DOCS:tokenize:text_docs SKIP_BAD_LINES:tokenize:skip_bad_lines \
+  GEN_TEMPERATURE:generate:temperature SEED:generate:seed \
   TEACHER_PRESET:teacher:preset TEACHER_TOKENS:teacher:max_tokens TEACHER:teacher:teacher \
   BATCH_SIZE:teacher:batch_size PRECISION:teacher:precision SEED:teacher:seed \
   TEACHER:teacher_logits:teacher CACHE:teacher_logits:cache TOPK:teacher_logits:topk SAMPLES:teacher_logits:samples \
@@ -34,6 +34,7 @@ SETTINGS := \
   CACHE_PRESET:teacher_logits:cache_preset SAMPLING:teacher_logits:sampling ID_CODING:teacher_logits:id_coding \
   LOGPROB_CODING:teacher_logits:logprob_coding \
   CACHE:verify:cache TEACHER:verify:teacher VERIFY_WINDOWS:verify:windows VERIFY_TOLERANCE:verify:tolerance \
+  VERIFY_SAMPLE:verify:sample VERIFY_FULL:verify:full \
   CACHE:train_student:cache STUDENT_DIR:train_student:students LOSS:train_student:loss \
   KD_TARGET:train_student:kd_target MAX_TOKENS:train_student:max_tokens BATCH_SIZE:train_student:batch_size \
   LR:train_student:lr SEED:train_student:seed PRECISION:train_student:precision LOSS_CHUNK:train_student:loss_chunk \
@@ -42,10 +43,17 @@ SETTINGS := \
   EVAL_WINDOWS:train_student:eval_windows SAVE_EVERY_TOKENS:train_student:save_every_tokens \
   SELECT:train_student:select \
   SAVE_EVERY_MINUTES:train_student:save_every_minutes MAX_BAD_STEPS:train_student:max_bad_steps \
+  TIMEOUT_MINUTES:train_student:timeout_minutes \
   CACHE:report:cache TEACHER:report:teacher STUDENT_DIR:report:students \
   MERGE_OUT:merge:out \
   SHARD:inspect:file ROW:inspect:row POS:inspect:pos \
-  MODEL:generate:model MAX_NEW_TOKENS:generate:max_new_tokens TOP_P:generate:top_p
+  MODEL:generate:model MAX_NEW_TOKENS:generate:max_new_tokens TOP_P:generate:top_p \
+  TEACHER:plan:teacher SEQ_LEN:plan:seq_len CAPTURE_BATCH:plan:capture_batch HEAD_CHUNK:plan:head_chunk \
+  TOPK:plan:topk SAMPLES:plan:samples DTYPE:plan:dtype CACHE_PRESET:plan:cache_preset \
+  LOGPROB_CODING:plan:logprob_coding LOSS:plan:loss KD_TARGET:plan:kd_target LOSS_CHUNK:plan:loss_chunk \
+  BATCH_SIZE:plan:batch_size GRAD_ACCUM:plan:grad_accum BATCH_TOKENS:plan:batch_tokens SHARDING:plan:sharding \
+  PRECISION:plan:precision WORLD:plan:world GPU:plan:gpu GPU_MEMORY_GB:plan:gpu_memory_gb MFU:plan:mfu \
+  PLAN_TOKENS:plan:plan_tokens
 
 # --flag value for each set variable mapped to stage $(1); the demo gets --set stage.flag=value instead.
 _var  = $(word 1,$(subst :, ,$(1)))
@@ -58,7 +66,7 @@ common = --work $(WORK) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint tokens teacher teacher-logits verify train-student report merge inspect demo bench \
-  demo-chat generate
+  demo-chat generate plan
 
 help: $(VENV)/.installed ## list targets and variables (with their defaults)
 	@echo "targets:"
@@ -89,8 +97,8 @@ teacher: $(VENV)/.installed ## embedded default only: train the demo teacher on 
 teacher-logits: $(VENV)/.installed ## teacher over the token shards -> top-K logit shards + manifest ($(WORK)/logits)
 	$(LAUNCH) -m stages.teacher_logits $(common) $(call flags,teacher_logits) $(EXTRA)
 
-verify: $(VENV)/.installed ## check a logit cache: sha256, schema, invariants; VERIFY_WINDOWS=n re-runs the teacher on n windows
-	$(PY) -m stages.verify $(common) $(call flags,verify) $(EXTRA)
+verify: $(VENV)/.installed ## check a logit cache: every footer; sha256 + invariants on VERIFY_SAMPLE shards (VERIFY_FULL=1: all); VERIFY_WINDOWS=n re-runs the teacher; ranks under LAUNCH
+	$(LAUNCH) -m stages.verify $(common) $(call flags,verify) $(EXTRA)
 
 train-student: $(VENV)/.installed ## train every student in STUDENTS from the logit cache
 	$(LAUNCH) -m stages.train_student $(common) $(if $(STUDENTS),--student $(STUDENTS)) $(call flags,train_student) $(EXTRA)
@@ -113,6 +121,9 @@ demo-chat: $(VENV)/.installed ## post-training on the embedded default in $(WORK
 # PROMPT is read from the environment (make exports command-line variables), so quotes and backticks are kept.
 generate: $(VENV)/.installed ## sample a reply: MODEL=dir PROMPT="..." (chat template when chat-trained)
 	$(PY) -m stages.generate $(common) $(call flags,generate) $(if $(PROMPT),--prompt "$$PROMPT") $(EXTRA)
+
+plan: $(VENV)/.installed ## trace TEACHER's capture and STUDENTS' steps at full shape on fake GPUs: memory, time, fits (WORLD, GPU)
+	$(PY) -m stages.plan $(common) $(if $(STUDENTS),--student $(STUDENTS)) $(call flags,plan) $(EXTRA)
 
 bench: $(VENV)/.installed ## benchmarks (CPU part; benchmarks/gpu.sh on a GPU)
 	$(PY) -m benchmarks.run --work $(WORK) $(EXTRA)

@@ -9,6 +9,10 @@ sizes on the CPU (to check the script, not to measure anything).
 3. capture: stage one's targets (top-K ids, float16 log-probs, tail mass, tail draws) for 8 windows computed
    at batch 8 and as 8 batches of 1, compared byte for byte. A bf16 GPU matmul may pick another kernel (and
    summation order) for another shape, so this need not hold there; the result is printed as measured.
+4. graphs: compiled graphs after capture batches of 1 .. CAPTURE_BATCH + 1 windows (each padded to
+   CAPTURE_BATCH as stage one pads a shard's last batch): one set of graphs below CAPTURE_BATCH.
+5. head: stage one's head at the 27B's shape (V 256,000, H 4608, bf16, 4 chunks of 8192) before issue 21's
+   fix and after: peak memory as a multiple of one float32 chunk buffer (target ≤ 1.8).
 
     python -m benchmarks.gpu_checks [--toy] [--only student mask capture] [--work runs/gpu]
 """
@@ -173,7 +177,88 @@ def capture_invariance(s: Sizes, dev: torch.device) -> dict[str, Any]:
     return {"rows": rows, "identical": same, "dtype": str(dtype)}
 
 
-CHECKS = {"student": student_step, "mask": block_mask_cost, "capture": capture_invariance}
+def capture_graphs(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """Compiled graphs after stage one's batches of 1 .. CAPTURE_BATCH + 1 windows, each padded to CAPTURE_BATCH
+    as the stage pads a shard's last batch: the count should stop growing after the first batch (one graph
+    per layer kind and block-mask build) until CAPTURE_BATCH + 1, a shape the stage never runs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    capture_batch = max(2, s.windows // 2)
+    model = random_model(s.model, s.vocab, dev, teacher_dtype(dev)).eval()
+    model.attn_implementation, model.compile_flex = "flex", True  # the CUDA path (forward only on the CPU)
+    cfg = TopKConfig(topk=64, samples=16)
+    rows = []
+    for b in range(1, capture_batch + 2):
+        ids = packed_rows(b, s.seq + 1, s.vocab, s.mean_doc, dev, seed=b)
+        start = time.perf_counter()
+        teacher_targets(model, ids, list(range(b)), cfg, pad_to=capture_batch)
+        sync()
+        rows.append({"batch": b, "padded_to": max(b, capture_batch), "graphs": counters["stats"]["unique_graphs"],
+                     "s": time.perf_counter() - start})
+    steady = len({r["graphs"] for r in rows[:-1]}) == 1
+    print(table(f"Capture graphs, {s.model} at {s.seq} tokens, CAPTURE_BATCH={capture_batch}: "
+                f"{'one set of graphs for every batch ≤ CAPTURE_BATCH' if steady else 'RECOMPILED below CAPTURE_BATCH'}",
+                rows))
+    torch._dynamo.reset()
+    return {"rows": rows, "steady": steady}
+
+
+def head_regime(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """Stage one's head at the 27B's shape (V = 256,000, H = 4608, bf16 on a GPU), four chunks of 8192
+    positions per batch: the head before issue 21 (each chunk's bf16 product beside its float32 copy, the
+    previous chunk's buffer alive during the next matmul) against `pipeline.topk.head_chunks`. Peak above
+    the weights and hidden states, as a multiple of one float32 [chunk × V] buffer."""
+    from types import SimpleNamespace
+
+    from pipeline.model import softcap_
+    from pipeline.plan import MemoryTracer
+    from pipeline.topk import head_chunks, head_targets
+
+    vocab, hidden_size, chunk = (256000, 4608, 8192) if s.model != "debug" else (s.vocab, 64, 256)
+    dtype = teacher_dtype(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    weight = (torch.randn(vocab, hidden_size, generator=g, device=dev) * 0.05).to(dtype)
+    model = SimpleNamespace(head_weight=weight, config=SimpleNamespace(final_logit_softcapping=30.0))
+    hidden = torch.randn(4 * chunk, hidden_size, generator=g, device=dev).to(dtype)
+    labels = torch.randint(0, vocab, (4 * chunk,), device=dev)
+    cfg = TopKConfig(topk=64, samples=0, head_chunk=chunk)
+
+    def before() -> None:
+        out = []
+        for start in range(0, hidden.shape[0], chunk):
+            z = softcap_((hidden[start : start + chunk] @ weight.T).float(), 30.0)
+            out.append(head_targets(z, cfg.topk, labels=labels[start : start + chunk]))
+
+    def after() -> None:
+        head_chunks(model, hidden, labels, None, cfg)
+
+    rows = []
+    for name, fn in (("before (issue 21)", before), ("after", after)):
+        with torch.no_grad():
+            fn()  # warm-up
+            if dev.type == "cuda":
+                sync()
+                reset_peak(dev)
+                base = torch.cuda.memory_allocated()
+                fn()
+                sync()
+                peak = torch.cuda.max_memory_allocated() - base
+            else:
+                tracer = MemoryTracer()
+                with tracer:
+                    fn()
+                peak = tracer.peak()
+        rows.append({"head": name, "peak_gib": peak / 2**30, "buffer_gib": chunk * vocab * 4 / 2**30,
+                     "ratio": peak / (chunk * vocab * 4)})
+    print(table(f"Head at V={vocab}, H={hidden_size}, {str(dtype).removeprefix('torch.')}, 4 chunks of {chunk}; "
+                "ratio = peak / one float32 chunk buffer (target ≤ 1.8)", rows))
+    return {"rows": rows}
+
+
+CHECKS = {"student": student_step, "mask": block_mask_cost, "capture": capture_invariance, "graphs": capture_graphs,
+          "head": head_regime}
 
 
 def main() -> None:

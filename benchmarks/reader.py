@@ -3,10 +3,16 @@
 `run` (what `make bench` calls): the demo cache, against what the demo student consumes.
 
 `python -m benchmarks.reader` (the real scale): a synthetic cache at SEQ_LEN 4096, V = 256000, K = 64,
-N = 16 tail draws, written with `schemas.logits.encode` and the capture's shard writer (its row groups), then
-one process per measurement, pinned to one core, reading as rank 0 of WORLD ranks at the reader's default
-shuffle buffer: tokens/s delivered to the rank (it reads every row group of a buffer but decodes only its own
-rows), peak RSS, and with a simulated training step the time a step waits for its batch.
+N = 16 tail draws, written with `schemas.logits.encode` and the capture's shard writer (its row groups:
+`schemas.logits.row_bytes`, 2 windows at this length; `--group-windows` writes another size, 33 being the
+64 MB groups of caches written before), then:
+- the mixing of the 2B recipe's global batch (2^20 tokens = 256 windows, default shuffle buffer): distinct
+  regions (the reader's shuffle unit) and distinct row groups per global batch, over several batches;
+- one process per measurement, pinned to one core, reading as rank 0 of WORLD ranks: tokens/s delivered to
+  the rank (it reads the row groups its rows touch and decodes only its rows), row groups read, peak RSS,
+  and with a simulated training step the time a step waits for its batch;
+- the data wait per optimizer step at `--grad-accum` micro-batches (16: the 2B recipe on 8 GPUs, batch 2),
+  the trainer taking each micro-batch when its turn comes, a simulated compute of `--student-tok-s` between.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 
 from benchmarks.common import table
 from pipeline.errors import PipelineError
-from pipeline.reader import ReaderConfig, ShardStream
+from pipeline.reader import Cursor, ReaderConfig, ShardStream
 from pipeline.runtime import Runtime
 from pipeline.shards import ShardWriter, rows_per_group
 from schemas.common import with_meta
@@ -58,7 +64,7 @@ def run(cache: Path, student_tok_s: float | None, batch: int = 16, seconds: floa
 
 
 def write_cache(folder: Path, windows: int, seq_len: int, vocab: int, topk: int, samples: int,
-                shard_windows: int = 64, seed: int = 0) -> Path:
+                shard_windows: int = 64, seed: int = 0, group_windows: int = 0) -> Path:
     """A synthetic cache split with a manifest: random ids, sorted log-probs, tail mass and tail draws."""
     split = folder / "train"
     if (split / "manifest.json").is_file():
@@ -72,7 +78,8 @@ def write_cache(folder: Path, windows: int, seq_len: int, vocab: int, topk: int,
         n = min(shard_windows, windows - start)
         path = split / f"train-{s:05d}.parquet"
         shard_meta = LogitsShardMeta(**vars(meta), source_shard=path.name, source_sha256="synthetic")
-        with ShardWriter(path, with_meta(schema, shard_meta), rows_per_group(row_bytes(seq_len, topk, samples))) as writer:
+        group = group_windows or rows_per_group(row_bytes(seq_len, topk, samples))
+        with ShardWriter(path, with_meta(schema, shard_meta), group) as writer:
             for lo in range(0, n, 8):
                 b = min(8, n - lo)
                 ids = rng.integers(3, vocab, (b, seq_len + 1), dtype=np.int32)
@@ -101,28 +108,56 @@ def _targets(rng: np.random.Generator, b: int, t: int, vocab: int, k: int, n: in
                    sample_offsets=offsets.astype(np.int32))
 
 
-def measure(split: Path, mode: str, batch: int, world: int, seconds: float, step_s: float, core: int) -> dict[str, Any]:
-    """One rank's numbers, in this process (pinned to `core`): run as a subprocess per measurement."""
+def mixing(split: Path, batch_windows: int, batches: int) -> dict[str, Any]:
+    """Distinct regions and row groups per global batch of `batch_windows` windows (the order alone: nothing
+    is read but the footers)."""
+    stream = ShardStream(split, ("input_ids",), ReaderConfig(batch_size=batch_windows, prefetch=0))
+    order, cursor = stream._order, Cursor()
+    regions, groups = [], []
+    for _ in range(batches):
+        shard, row, cursor = order.regions_of(cursor, batch_windows)
+        regions.append(len(set(zip(shard.tolist(), ((row % order.group) // order.unit + row // order.group
+                                                    * order.per_group).tolist()))))
+        groups.append(len(set(zip(shard.tolist(), (row // order.group).tolist()))))
+    stream.close()
+    return {"windows": batch_windows, "group_windows": order.group, "region_windows": order.unit,
+            "buffer_regions": order.per_buffer, "regions_min": min(regions), "regions_mean": float(np.mean(regions)),
+            "row_groups_min": min(groups), "row_groups_mean": float(np.mean(groups))}
+
+
+def measure(split: Path, mode: str, batch: int, world: int, seconds: float, step_s: float, core: int,
+            accum: int = 0) -> dict[str, Any]:
+    """One rank's numbers, in this process (pinned to `core`): run as a subprocess per measurement. With
+    `accum`, steps of `accum` micro-batches, each taken when its turn comes and followed by `step_s` of
+    simulated compute; the wait is summed per optimizer step."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
     stream = ShardStream(split, MODE_COLUMNS[mode], ReaderConfig(batch_size=batch), Runtime(rank=0, world=world))
     seq = stream.meta.seq_len
-    stream.next_batch()  # the first buffer is read before training starts
+    stream.next_batch()  # the first batch is read before training starts
     if step_s:
         time.sleep(2.0)  # the prefetch fills, as during the first (compiling) steps of a real run
     rows, waits, start = 0, [], time.perf_counter()
     while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        rows += len(stream.next_batch()["input_ids"])
-        waits.append(time.perf_counter() - t)
-        if step_s:
-            time.sleep(step_s)  # the GPU step: the core is free for the prefetch thread meanwhile
+        step_wait = 0.0
+        for _ in range(max(1, accum)):
+            t = time.perf_counter()
+            rows += len(stream.next_batch()["input_ids"])
+            step_wait += time.perf_counter() - t
+            if step_s:
+                time.sleep(step_s)  # the GPU's micro-step: the core is free for the prefetch thread meanwhile
+        waits.append(step_wait)
     elapsed = time.perf_counter() - start
+    groups = stream._order.groups_read
     stream.close()
-    return {"mode": mode, "world": world, "batch": batch, "step_s": step_s,
-            "tok_s_per_rank": rows * seq / elapsed, "tok_s_read": rows * seq * world / elapsed,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "wait_ms_mean": 1e3 * float(np.mean(waits)), "wait_ms_p99": 1e3 * float(np.percentile(waits, 99))}
+    out = {"mode": mode, "world": world, "batch": batch, "accum": accum, "step_s": step_s * max(1, accum),
+           "tok_s_per_rank": rows * seq / elapsed, "tok_s_read": rows * seq * world / elapsed,
+           "groups_read_per_window": groups / max(1, rows + batch),
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "wait_ms_mean": 1e3 * float(np.mean(waits)), "wait_ms_p99": 1e3 * float(np.percentile(waits, 99))}
+    if accum:
+        out["wait_pct_of_step"] = 100 * float(np.mean(waits)) / (step_s * accum)
+    return out
 
 
 def main() -> None:
@@ -139,31 +174,51 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12.0)
     p.add_argument("--student-tok-s", type=float, default=20000.0,
                    help="a training step's pace for the wait measurement (tokens/s per GPU; 2B on an H100 ≈ 20k)")
-    p.add_argument("--measure", nargs=6, metavar=("SPLIT", "MODE", "BATCH", "WORLD", "SECONDS", "STEP_S"),
+    p.add_argument("--group-windows", type=int, default=0,
+                   help="rows per row group of the synthetic cache (default: stage one's, row_bytes)")
+    p.add_argument("--batch-tokens", type=int, default=1 << 20, help="tokens per optimizer step (the 2B recipe's)")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per step for the wait per step")
+    p.add_argument("--accum-world", type=int, default=8, help="the world size of the wait-per-step measurement")
+    p.add_argument("--measure", nargs=7, metavar=("SPLIT", "MODE", "BATCH", "WORLD", "SECONDS", "STEP_S", "ACCUM"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        split, mode, batch, world, seconds, step_s = args.measure
-        print(json.dumps(measure(Path(split), mode, int(batch), int(world), float(seconds), float(step_s), core=0)))
+        split, mode, batch, world, seconds, step_s, accum = args.measure
+        print(json.dumps(measure(Path(split), mode, int(batch), int(world), float(seconds), float(step_s), core=0,
+                                 accum=int(accum))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
         start = time.perf_counter()
-        split = write_cache(folder, args.windows, args.seq_len, args.vocab, args.topk, args.samples)
+        split = write_cache(folder, args.windows, args.seq_len, args.vocab, args.topk, args.samples,
+                            group_windows=args.group_windows)
         disk = sum(f.stat().st_size for f in split.glob("*.parquet"))
         print(f"synthetic cache: {args.windows} windows × {args.seq_len} (V {args.vocab}, K {args.topk}, N {args.samples}), "
               f"{disk / 2**20:,.0f} MB, {disk / (args.windows * args.seq_len):.0f} bytes/token on disk, "
               f"written in {time.perf_counter() - start:.0f} s")
+        global_windows = args.batch_tokens // args.seq_len
+        mix = mixing(split, global_windows, 8)
+        print(table(f"Mixing: distinct regions / row groups per global batch of {global_windows} windows "
+                    f"(default shuffle buffer, {ReaderConfig().shuffle_tokens:,} tokens; 8 global batches)", [mix]))
         step_s = args.batch * args.seq_len / args.student_tok_s
         rows = []
         for world in args.worlds:
             for mode, pace in (("sampled", 0.0), ("sampled", step_s)):
-                cmd = [sys.executable, "-m", "benchmarks.reader", "--measure", str(split), mode, str(args.batch),
-                       str(world), str(args.seconds), str(pace)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
+                rows.append(_subprocess(split, mode, args.batch, world, args.seconds, pace, 0))
         print(table(f"Reader, rank 0 of WORLD, one core, default shuffle buffer ({ReaderConfig().shuffle_tokens:,} tokens), "
                     f"batch {args.batch}; step_s > 0: a training step of that length between batches", rows))
+        accum = _subprocess(split, "sampled", args.batch, args.accum_world, max(args.seconds, 4 * args.grad_accum * step_s),
+                            step_s, args.grad_accum)
+        print(table(f"Data wait per optimizer step: rank 0 of {args.accum_world}, {args.grad_accum} micro-batches of "
+                    f"{args.batch} windows a step, {step_s:.2f} s of simulated compute each "
+                    f"({args.student_tok_s:,.0f} tokens/s)", [accum]))
+
+
+def _subprocess(split: Path, mode: str, batch: int, world: int, seconds: float, pace: float, accum: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.reader", "--measure", str(split), mode, str(batch), str(world), str(seconds),
+           str(pace), str(accum)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import fidelity, reader, storage, student_step, teacher
+from benchmarks import fidelity, reader, restart, storage, student_step, teacher
 from benchmarks import tokenize as tokenize_bench
 from benchmarks.common import save
 from pipeline.layout import Layout
@@ -37,13 +37,15 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/demo"))
     p.add_argument("--gpu", action="store_true", help="the GPU shapes (needs CUDA)")
     p.add_argument("--with-27b", action="store_true")
-    p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity", "storage", "tokenize"))
+    p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity", "storage", "tokenize",
+                                                 "restart"))
     p.add_argument("--big-gb", type=float, default=1.0, help="tokenize: size of the single-file corpus")
+    p.add_argument("--restart-shards", type=int, default=100_000, help="restart: shards of the synthetic cache")
     args = p.parse_args()
     out = Layout(args.work).bench
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"benchmarks on {machine}, torch {torch.__version__}")
-    only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize"))
+    only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize", "restart"))
     start = time.perf_counter()
     tok = _tokenizer(args.work)
     student_tok_s = None
@@ -76,6 +78,9 @@ def main() -> None:
         save(out, "storage", {"machine": machine, **storage.run()})
     if "tokenize" in only and not args.gpu:
         save(out, "tokenize", {"machine": machine, **tokenize_bench.run(tok, args.big_gb)})
+    if "restart" in only and not args.gpu:  # stage one's control plane: CPU and file-system work
+        save(out, "restart", {"machine": machine, **restart.run(tok, args.restart_shards),
+                              "verify": restart.verify_rates()})
     print(f"\nbenchmarks done in {time.perf_counter() - start:.0f} s; JSON in {out}")
 
 

@@ -6,9 +6,12 @@ message is folded into the first user turn as `system + "\\n\\n" + user`. Turns 
 with user; anything else is an error naming the conversation.
 
 The loss mask is exact for any tokenizer: the rendered text is tokenized whole (so the ids are what the
-tokenizer gives that text) with each piece's character span (sentencepiece's `offset_mapping`), and a
-token belongs to a model turn when its span starts inside one: the reply's content and its `<end_of_turn>`
-(not the `<start_of_turn>model\\n` header, not the newline after `<end_of_turn>`).
+tokenizer gives that text) with each piece's character span (sentencepiece's `offset_mapping`, in
+characters, so multi-byte text and byte-fallback pieces map too), and a token belongs to a model turn when its
+characters overlap the reply's content or its `<end_of_turn>` — so a piece that merges the header's `\\n`
+with the reply's first characters (SentencePiece's default normaliser turns `\\n` into `▁`: `▁Sure` spans
+`\\nSure`) is trained, while pieces of the `<start_of_turn>model\\n` header alone, and the newline after
+`<end_of_turn>`, are not.
 """
 
 from __future__ import annotations
@@ -144,12 +147,23 @@ def encode(tokenizer: Tokenizer, conversations: Sequence[Rendered], threads: int
 
 def _spans_to_tokens(conversation: Rendered, encoding: dict[str, Any]) -> Encoded:
     ids = np.asarray(encoding["ids"], dtype=np.int32)
-    begins = np.asarray(encoding["offsets"], dtype=np.int64).reshape(-1, 2)[:, 0]
-    # Span edges a0 < b0 ≤ a1 < b1 …: a begin in [a_i, b_i) lands after an odd number of edges.
-    edges = np.asarray(conversation.replies, dtype=np.int64).reshape(-1)
-    model = np.searchsorted(edges, begins, side="right") % 2 == 1
+    spans = np.asarray(encoding["offsets"], dtype=np.int64).reshape(-1, 2)
+    begins = spans[:, 0]
+    ends = np.maximum(spans[:, 1], begins + 1)  # a zero-width piece (a dummy-prefix `▁`) counts where it begins
+    model = overlaps(begins, ends, conversation.replies)
     turn_starts = np.searchsorted(begins, np.asarray(conversation.turn_starts, dtype=np.int64), side="left")
     return Encoded(ids, model, turn_starts)
+
+
+def overlaps(begins: np.ndarray, ends: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Whether each character range [begin, end) shares a character with one of `spans` (sorted, disjoint)."""
+    if not spans:
+        return np.zeros(len(begins), bool)
+    a, b = np.asarray(spans, dtype=np.int64).T
+    j = np.searchsorted(b, begins, side="right")  # the first span that ends after the range begins
+    hit = j < len(b)
+    hit[hit] &= a[j[hit]] < ends[hit]
+    return hit
 
 
 def prompt_ids(tokenizer: Tokenizer, turns: Sequence[Turn]) -> list[int]:

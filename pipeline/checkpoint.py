@@ -49,7 +49,11 @@ def weight_files(path: Path) -> list[Path]:
     if (path / SINGLE).is_file():
         return [path / SINGLE]
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-        raise PipelineError(f"{path}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first")
+        raise PipelineError(
+            f"{path}: only pickle weights (*.bin/*.pt) found, which this pipeline never unpickles; convert them once, "
+            "where you trust the files, with transformers: python -c \"from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-safetensors', "
+            "safe_serialization=True)\" (then copy tokenizer.model there and use that folder)")
     raise PipelineError(f"{path}: no {SINGLE} or {INDEX}; not a Hugging Face safetensors checkpoint")
 
 
@@ -166,4 +170,23 @@ def model_fingerprint(path: str | Path, file_hash: Callable[[Path], str] = sha25
     for file in weight_files(path):
         digest.update(file.name.encode())
         digest.update(file_hash(file).encode())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(folder: str | Path) -> str | None:
+    """A cache's (or token shards') identity: sha256 over each split manifest's settings and its shards' names
+    and sha256s (the manifests, never the data). None when a split has no manifest: no finished cache there.
+    A student records it, so `report` and `train-student` can say when the cache it was trained on is gone or
+    was replaced."""
+    from schemas.common import to_json
+    from schemas.manifest import read_manifest
+
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        try:
+            manifest = read_manifest(Path(folder) / split, ("logits", "tokens"))
+        except PipelineError:
+            return None
+        digest.update(json.dumps({"split": split, "meta": to_json(manifest.meta),
+                                  "shards": [[s.file, s.sha256] for s in manifest.shards]}, sort_keys=True).encode())
     return digest.hexdigest()

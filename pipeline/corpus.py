@@ -2,7 +2,8 @@
 its documents in bounded pieces, in a deterministic order, never holding a file whole.
 
 Sources: `stdlib` (the running Python's standard-library sources, test suites excluded: the embedded
-default); a local file or folder of `.txt`/`.md` (a file is one document), `.jsonl`/`.json` (one JSON
+default); a local file or folder of `.txt`/`.md` (a file is one document, or with `text_docs` each
+blank-line separated paragraph or each line), `.jsonl`/`.json` (one JSON
 object per line, text in `text_column`), the same four compressed as `.gz` or `.zst` (e.g.
 `data.jsonl.zst`), `.parquet` and `.csv` (a text column); a folder written by `Dataset.save_to_disk`; or a
 Hugging Face dataset name (through `datasets`, from its cache or the network).
@@ -17,9 +18,10 @@ With `format` "chat" a document is a conversation: a JSON line, Parquet/CSV row 
 columns; it comes as one piece carrying its turns (pipeline/chat.py checks and normalises them, and an
 error names the conversation's line or row). Plain `.txt`/`.md` files cannot hold conversations.
 
-Document ids (which decide the split, see `is_val`) are stable: the file's path for a text file (with
-`@offset` for the byte ranges after the first of a large one), `path@offset` for a JSON line (its byte
-offset in the decompressed stream), `path#row` for Parquet/CSV rows and dataset rows.
+Document ids are stable: the file's path for a text file (with `@offset` for the byte ranges after the first
+of a large one, or each paragraph/line's offset), `path@offset` for a JSON line (its byte offset in the
+decompressed stream), `path#row` for Parquet/CSV rows and dataset rows. The split does not depend on them: it
+is a hash of the document's content (`split_key`, `is_val`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -52,6 +55,8 @@ DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` wri
 STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 BLOCK = 1 << 16  # bytes per read from a file
 ZSTD_FEED = 1 << 14  # compressed bytes per decompress call: bounds the output of one call
+TEXT_DOCS = ("file", "paragraph", "line")
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # a paragraph ends at a line holding only whitespace
 MAX_UNITS = 10**6  # shard names carry the unit index in 6 digits, so name order is unit order
 
 
@@ -65,6 +70,10 @@ class CorpusSpec:
                                   "prompt/response columns) in Gemma's chat template, only model turns trained",
                           choices=FORMATS)
     messages_column: str = setting("messages", "chat: the column holding each conversation's messages list")
+    skip_bad_lines: int = setting(0, "1: skip malformed JSON lines and conversations (each named on stderr, "
+                                     "counted as bad_lines in the train manifest's stats.filters) instead of stopping")
+    text_docs: str = setting("file", "what a document is in a .txt/.md file: file (the whole file), paragraph "
+                                     "(blank-line separated), line (one per non-blank line)", choices=TEXT_DOCS)
 
     @property
     def chat(self) -> bool:
@@ -123,24 +132,55 @@ class Piece:
     last: bool = True
     after_newline: bool = False
     turns: tuple[chat.Turn, ...] | None = None  # a conversation (format chat): its turns, and no text
+    bad: str | None = None  # a malformed line skipped under `skip_bad_lines`: why (no document, only counted)
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def is_val(doc_id: str, val_fraction: float) -> bool:
-    """Deterministic split by a hash of the document id: the same document always lands in the same split."""
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+def split_key(piece: Piece) -> str:
+    """What decides a document's split: its content, never where it lives (so moving, renaming or
+    recompressing a corpus keeps its held-out set) — the text of the document's first piece (the whole text
+    of a document shorter than a piece), or a conversation's turns. Identical documents share a split."""
+    if piece.turns is not None:
+        return json.dumps([list(t) for t in piece.turns], ensure_ascii=False)
+    return piece.text
+
+
+def is_val(key: str, val_fraction: float) -> bool:
+    """Deterministic split by a hash of `split_key`: the same document always lands in the same split."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big")
     return h / 2**64 < val_fraction
+
+
+class Splitter:
+    """Each piece's split: decided at a document's first piece (a new id, or `first`), kept for its others."""
+
+    def __init__(self, val_fraction: float) -> None:
+        self.val_fraction, self.doc_id, self.val = val_fraction, None, False
+
+    def __call__(self, piece: Piece) -> str:
+        if piece.doc_id != self.doc_id or piece.first:
+            self.doc_id, self.val = piece.doc_id, is_val(split_key(piece), self.val_fraction)
+        return "val" if self.val else "train"
 
 
 def iter_documents(spec: CorpusSpec, unit_bytes: int = 64 << 20, piece_bytes: int = 64 << 10) -> Iterator[tuple[str, str]]:
     """(document id, text) in corpus order; a document longer than `piece_bytes` comes as consecutive pieces
     with the same id."""
+    for _, doc_id, text in iter_split_documents(spec, unit_bytes, piece_bytes, 0.0):
+        yield doc_id, text
+
+
+def iter_split_documents(spec: CorpusSpec, unit_bytes: int, piece_bytes: int,
+                         val_fraction: float) -> Iterator[tuple[str, str, str]]:
+    """(split, document id, text) of every piece in corpus order."""
     for unit in plan_units(spec, unit_bytes):
+        split = Splitter(val_fraction)
         for piece in read_unit(spec, unit, piece_bytes):
-            yield piece.doc_id, piece.text
+            if piece.bad is None:
+                yield split(piece), piece.doc_id, piece.text
 
 
 # ---------------------------------------------------------------- planning
@@ -176,14 +216,16 @@ def _parts(spec: CorpusSpec, unit_bytes: int) -> list[Part]:
     if spec.source == "stdlib":
         root = stdlib_root()
         files = [f for f in stdlib_files(root) if f.stat().st_size]  # empty __init__.py files: not documents
-        return [p for f in files for p in _file_parts(f, f.relative_to(root).as_posix(), unit_bytes, "text")]
+        return [p for f in files for p in _file_parts(f, f.relative_to(root).as_posix(), unit_bytes, "text",
+                                                       spec.text_docs)]
     path = Path(spec.source)
     if path.is_dir() and any((path / m).is_file() for m in DATASET_MARKERS):
         return _dataset_parts(spec, unit_bytes)
     if path.is_dir():
-        return [p for f in _folder_files(path) for p in _file_parts(f, f.relative_to(path).as_posix(), unit_bytes)]
+        return [p for f in _folder_files(path)
+                for p in _file_parts(f, f.relative_to(path).as_posix(), unit_bytes, text_docs=spec.text_docs)]
     if path.is_file():
-        return _file_parts(path, path.name, unit_bytes)
+        return _file_parts(path, path.name, unit_bytes, text_docs=spec.text_docs)
     if path.suffix or "/" in spec.source and path.parent.exists():
         raise PipelineError(f"{path}: no such file or folder; CORPUS takes stdlib, a path or a dataset name")
     return _dataset_parts(spec, unit_bytes)
@@ -232,7 +274,7 @@ def file_kind(path: Path) -> tuple[str, str | None]:
     )
 
 
-def _file_parts(path: Path, rel: str, unit_bytes: int, kind: str | None = None) -> list[Part]:
+def _file_parts(path: Path, rel: str, unit_bytes: int, kind: str | None = None, text_docs: str = "file") -> list[Part]:
     compression = None
     if kind is None:
         kind, compression = file_kind(path)
@@ -243,7 +285,10 @@ def _file_parts(path: Path, rel: str, unit_bytes: int, kind: str | None = None) 
     if kind == "parquet":
         return _parquet_parts(path, rel, version, unit_bytes)
     if kind in ("text", "lines") and compression is None and stat.st_size > unit_bytes:
-        cuts = _cut_points(path, stat.st_size, unit_bytes, whole_lines=kind == "lines")
+        if kind == "text" and text_docs == "paragraph":
+            cuts = _paragraph_cut_points(path, stat.st_size, unit_bytes)
+        else:
+            cuts = _cut_points(path, stat.st_size, unit_bytes, whole_lines=kind == "lines" or text_docs == "line")
         return [Part(rel, kind, version, a, b if b < stat.st_size else None, b - a) for a, b in zip(cuts, cuts[1:])]
     return [Part(rel, kind, version, weight=stat.st_size)]
 
@@ -259,6 +304,12 @@ def _cut_points(path: Path, size: int, unit_bytes: int, whole_lines: bool) -> li
                 continue  # a long line ran past this multiple
             cut, at = None, target
             f.seek(target)
+            if not whole_lines:  # text: after a newline that a non-whitespace character follows (`text_cut`)
+                m = _TEXT_CUT.search(f.read(BLOCK + 1))
+                if m and cuts[-1] < target + m.start() + 1 < size:
+                    cuts.append(target + m.start() + 1)
+                    continue
+                f.seek(target)
             while cut is None and (block := f.read(BLOCK)):
                 nl = block.find(b"\n")
                 if nl >= 0:
@@ -266,6 +317,30 @@ def _cut_points(path: Path, size: int, unit_bytes: int, whole_lines: bool) -> li
                 elif not whole_lines:
                     cut = _char_boundary(f, target)
                 at += len(block)
+            if cut is not None and cuts[-1] < cut < size:
+                cuts.append(cut)
+    return cuts + [size]
+
+
+def _paragraph_cut_points(path: Path, size: int, unit_bytes: int) -> list[int]:
+    """Like `_cut_points`, each cut just after the first blank line at or past a multiple of unit_bytes, so
+    every unit starts with a whole paragraph (a file without one further on is not cut there)."""
+    cuts = [0]
+    with open(path, "rb") as f:
+        for target in range(unit_bytes, size, unit_bytes):
+            if target <= cuts[-1]:
+                continue
+            at = max(0, target - 1)  # a blank line may begin with the newline just before the multiple
+            f.seek(at)
+            buf, cut = b"", None
+            while cut is None and (block := f.read(BLOCK)):
+                buf += block
+                m = _BLANK_LINE.search(buf)
+                if m:
+                    cut = at + m.end()
+                else:
+                    keep = max(0, buf.rfind(b"\n"))  # a blank line may straddle the next block
+                    at, buf = at + keep, buf[keep:]
             if cut is not None and cuts[-1] < cut < size:
                 cuts.append(cut)
     return cuts + [size]
@@ -353,7 +428,9 @@ def read_unit(spec: CorpusSpec, unit: Unit, piece_bytes: int = 64 << 10) -> Iter
         if part.kind == "text" and spec.chat:
             raise PipelineError(f"{root / part.path}: plain text holds no conversations; FORMAT=chat reads JSON lines, "
                                 "Parquet, CSV or a dataset with a messages list or prompt/response columns")
-        if part.kind == "text":
+        if part.kind == "text" and spec.text_docs != "file":
+            yield from _text_docs(root / part.path, part, piece_bytes, spec.text_docs == "line")
+        elif part.kind == "text":
             yield from _text(root / part.path, part, piece_bytes)
         elif part.kind == "lines":
             yield from _lines(root / part.path, part, spec, piece_bytes)
@@ -381,6 +458,76 @@ def _text(path: Path, part: Part, piece_bytes: int) -> Iterator[Piece]:
         yield Piece(doc_id, held, first, part.stop is None, newline)
 
 
+class _DocPieces:
+    """One document of a text file read as paragraphs or lines: its bytes gathered and handed on in pieces of
+    about `piece_bytes` (cut after a newline where there is one), decoded incrementally (a cut inside a
+    character is not a replacement character)."""
+
+    def __init__(self, doc_id: str, piece_bytes: int) -> None:
+        self.doc_id, self.piece_bytes = doc_id, piece_bytes
+        self.buf = bytearray()
+        self.first, self.after_newline = True, False
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, data: bytes) -> Iterator[Piece]:
+        self.buf += data
+        while len(self.buf) > self.piece_bytes:
+            cut = text_cut(self.buf, self.piece_bytes) or self.piece_bytes
+            yield from self._piece(bytes(self.buf[:cut]), last=False)
+            del self.buf[:cut]
+
+    def end(self) -> Iterator[Piece]:
+        """The last piece, without the document's final line break."""
+        data = bytes(self.buf)
+        data = data[:-1] if data.endswith(b"\n") else data
+        data = data[:-1] if data.endswith(b"\r") else data
+        yield from self._piece(data, last=True)
+
+    def _piece(self, data: bytes, last: bool) -> Iterator[Piece]:
+        text = self.decoder.decode(data, final=last)
+        if text or (last and not self.first):
+            yield Piece(self.doc_id, text, self.first, last, self.after_newline)
+            self.first, self.after_newline = False, text.endswith("\n")
+
+
+def _text_docs(path: Path, part: Part, piece_bytes: int, per_line: bool) -> Iterator[Piece]:
+    """Documents of a text file: blank-line separated paragraphs, or non-blank lines (`per_line`), each with id
+    `path@offset` (its first byte). A unit starts at a document's start (cut after a blank line / a newline).
+    Memory: one piece of the current document, whatever its length or the file's."""
+    offset, doc, midline = part.start, None, False
+    line = bytearray()  # the current line so far (a line longer than a piece goes on to the document at once)
+    for chunk in _chunks(_blocks(path, part), piece_bytes, whole_lines=False):
+        pos = 0
+        while pos < len(chunk):
+            nl = chunk.find(b"\n", pos)
+            end = len(chunk) if nl < 0 else nl + 1
+            line += chunk[pos:end]
+            pos = end
+            if nl < 0 and len(line) < piece_bytes:
+                continue  # the line goes on in the next chunk
+            start, offset = offset, offset + len(line)
+            if nl >= 0 and not midline and not line.strip():  # a blank line ends a paragraph (and is no document)
+                if doc is not None:
+                    yield from doc.end()
+                doc = None
+            else:
+                if doc is None:
+                    doc = _DocPieces(f"{part.path}@{start}", piece_bytes)
+                yield from doc.add(bytes(line))
+                if per_line and nl >= 0:
+                    yield from doc.end()
+                    doc = None
+            line.clear()
+            midline = nl < 0
+    if line:
+        if doc is None and line.strip():
+            doc = _DocPieces(f"{part.path}@{offset}", piece_bytes)
+        if doc is not None:
+            yield from doc.add(bytes(line))
+    if doc is not None:
+        yield from doc.end()
+
+
 def _byte_before(path: Path, offset: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset - 1)
@@ -398,11 +545,17 @@ def _lines(path: Path, part: Part, spec: CorpusSpec, piece_bytes: int) -> Iterat
             if not raw.strip():
                 continue
             where = functools.partial(_where, path, part, line)
-            if spec.chat:
-                yield Piece(f"{part.path}@{at}", "", turns=chat.from_row(_json_row(raw, where), spec.messages_column,
-                                                                           where))
+            try:
+                if spec.chat:
+                    yield Piece(f"{part.path}@{at}", "", turns=chat.from_row(_json_row(raw, where),
+                                                                               spec.messages_column, where))
+                    continue
+                text = _json_text(raw, spec.text_column, where)
+            except PipelineError as e:
+                if not spec.skip_bad_lines:
+                    raise PipelineError(f"{e} (or skip such lines with SKIP_BAD_LINES=1)") from None
+                yield Piece(f"{part.path}@{at}", "", bad=str(e))
                 continue
-            text = _json_text(raw, spec.text_column, where)
             if text:
                 yield Piece(f"{part.path}@{at}", text)
 
@@ -500,14 +653,32 @@ def _zstd_blocks(path: Path, f: Any) -> Iterator[bytes]:
         raise PipelineError(f"{path}: decompresses to nothing; remove it or replace it with the complete file")
 
 
+_TEXT_CUT = re.compile(rb"\n(?=[^ \t\r\n\f\v])")  # a newline before a character that is not whitespace
+
+
+def text_cut(buf: bytes | bytearray, size: int) -> int:
+    """Where to cut text of which `size` bytes are wanted: just after the last newline before `size` that a
+    non-whitespace character follows — never inside a run of whitespace, which a tokenizer may merge into one
+    piece (`\\n\\n`, or `▁▁` under SentencePiece's normaliser); else the first such newline within 2 × size;
+    else after the last newline; 0: none."""
+    nl = buf.rfind(b"\n", 0, size)
+    while nl >= 0 and (nl + 1 == len(buf) or buf[nl + 1] in b" \t\r\n\f\v"):
+        nl = buf.rfind(b"\n", 0, nl)
+    if nl >= 0:
+        return nl + 1
+    m = _TEXT_CUT.search(buf, max(0, size - 1), 2 * size)  # past `size`, at the end of a whitespace run
+    return m.start() + 1 if m else buf.rfind(b"\n", 0, size) + 1
+
+
 def _chunks(blocks: Iterator[bytes], size: int, whole_lines: bool) -> Iterator[bytes]:
-    """Blocks regrouped into chunks of at most `size` bytes that end just after a newline. A line longer
-    than `size` is cut at `size` (text), or kept whole in its own chunk (`whole_lines`: a JSON line)."""
+    """Blocks regrouped into chunks of at most `size` bytes that end just after a newline (text: one that a
+    non-whitespace character follows, `text_cut`). A line longer than `size` is cut at `size` (text), or
+    kept whole in its own chunk (`whole_lines`: a JSON line)."""
     buf = bytearray()
     for block in blocks:
         buf += block
         while len(buf) >= size:
-            cut = buf.rfind(b"\n", 0, size) + 1
+            cut = buf.rfind(b"\n", 0, size) + 1 if whole_lines else text_cut(buf, size)
             if cut == 0:
                 cut = buf.find(b"\n") + 1 if whole_lines else size
                 if cut == 0:

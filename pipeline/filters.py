@@ -10,7 +10,10 @@ the manifest (`stats.filters`):
 - `length` bounds (`--min-chars`, `--max-chars`): characters of a document, or of a conversation's contents;
 - `pii`: personal information scrubbed to placeholders — e-mail addresses `[EMAIL]`, phone numbers (an
   international `+` number or a North-American `(555) 123-4567` one) `[PHONE]`, IPv4/IPv6 addresses
-  `[IP_ADDRESS]`, card-like numbers (13–19 digits passing the Luhn check) `[CARD_NUMBER]`;
+  `[IP_ADDRESS]` (not a dotted version: after `==`/`>=`/`-`/`v`/`version`/`OID`…, or with a revision after
+  it), card numbers `[CARD_NUMBER]` (13–19 digits passing the Luhn check, with an issuer's prefix, in groups
+  or after a card word: a bare timestamp or row id is kept). Precision and recall on a labelled set:
+  tests/pipeline/test_pii_precision.py (README);
 - `blocklist` (`--blocklist FILE`, one phrase a line, `#` comments): a document — a conversation's model
   turns — containing a phrase (case and whitespace aside) is dropped, e.g. mistaken self-identification.
 
@@ -152,11 +155,26 @@ def normalize(text: str) -> str:
 
 _EMAIL = r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)"
+# Not after a word, a dot, a hyphen (`libfoo-1.2.3.4`), `word/` (`Chrome/1.2.3.4`) or a comparison/pin
+# (`==`, `>=`, `~=`, `=`); not followed by more parts, a Debian or local revision (`1.2.5.1-2`, `+cu121`).
+_IPV4 = rf"(?<![\w.\-=<>~!^])(?<!\w/){_OCTET}(?:\.{_OCTET}){{3}}(?![.\-+]?\w)"
 _HEX = r"[0-9A-Fa-f]{1,4}"
-# Full form, or compressed with at least three groups (so a slice such as `x[1::2]` is not an address).
-_IPV6 = rf"(?<![\w:])(?:(?:{_HEX}:){{7}}{_HEX}|(?:{_HEX}:){{2,6}}:(?:{_HEX}:){{0,4}}{_HEX})(?![\w:])"
-_CARD = r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"
+# Full form, or compressed with at least three groups (`is_ip`: so a slice such as `x[1::2]` is not an address).
+_IPV6 = rf"(?<![\w:])(?:(?:{_HEX}:){{7}}{_HEX}|(?:{_HEX}:){{1,6}}:(?:{_HEX}:){{0,5}}{_HEX})(?![\w:])"
+# A version, release, build or object identifier just before a dotted quad makes it one of those.
+_VERSION_BEFORE = re.compile(r"(?:\b(?:v|ver|version|versions|release|rel|build|oid|OID|revision|rev|tag|"
+                             r"python|kernel|firmware|update)\b[\s:=#]*)$", re.IGNORECASE)
+# Card numbers: 13–19 digits passing the Luhn check, with an issuer's prefix (Visa 4, Mastercard 51–55 and
+# 2221–2720, Amex 34/37, Discover 6011/644–649/65, JCB 3528–3589, Diners 300–305/36/38, UnionPay 62, Maestro
+# 50/56–58/6x), and written as a card: in groups (4-4-4-4, 4-6-5, …) or with a card word nearby. A bare run of
+# digits (a millisecond timestamp, a row id) is not one, whatever its checksum.
+_CARD = r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w-])"
+_ISSUER = re.compile(r"4|5[1-5]|2(?:2(?:2[1-9]|[3-9]\d)|[3-6]\d\d|7(?:[01]\d|20))|3[47]|6011|64[4-9]|65|"
+                     r"35(?:2[89]|[3-8]\d)|30[0-5]|3[68]|62|5[068]|6\d")
+_CARD_WORDS = re.compile(r"\b(?:card|cards|credit|debit|visa|mastercard|master card|amex|american express|discover|"
+                         r"jcb|diners|maestro|unionpay|cc|ccn|pan|payment|pay with|billing|cvv|cvc|expir\w*)\b",
+                         re.IGNORECASE)
+CARD_CONTEXT = 40  # characters before a bare card number searched for a card word
 _PHONE = (r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
           r"|\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?!\w)")
 PII = (("email", re.compile(_EMAIL), "[EMAIL]"), ("card", re.compile(_CARD), "[CARD_NUMBER]"),
@@ -171,6 +189,25 @@ def luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def is_card(match: re.Match[str]) -> bool:
+    """A Luhn-valid number with an issuer's prefix, written in groups or after a card word."""
+    digits = re.sub(r"\D", "", match.group())
+    if not (luhn(digits) and _ISSUER.match(digits)):
+        return False
+    groups = re.split(r"[ -]", match.group())
+    if len(groups) >= 3 and all(3 <= len(g) <= 6 for g in groups):
+        return True
+    before = match.string[max(0, match.start() - CARD_CONTEXT):match.start()]
+    return _CARD_WORDS.search(before) is not None
+
+
+def is_ip(match: re.Match[str]) -> bool:
+    """An address unless a version word or an object identifier's name comes just before it."""
+    if ":" in match.group():  # IPv6: its form is specific enough with three groups or more
+        return len([g for g in match.group().split(":") if g]) >= 3
+    return _VERSION_BEFORE.search(match.string[max(0, match.start() - 24):match.start()]) is None
+
+
 def scrub(text: str) -> tuple[str, dict[str, int]]:
     """The text with personal information replaced by placeholders, and the replacements per kind."""
     counts: dict[str, int] = {}
@@ -179,10 +216,11 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
             continue
 
         def replace(m: re.Match[str], kind: str = kind, placeholder: str = placeholder) -> str:
-            digits = re.sub(r"\D", "", m.group())
-            if kind == "card" and not luhn(digits):
+            if kind == "card" and not is_card(m):
                 return m.group()
-            if kind == "phone" and m.group().startswith("+") and not 8 <= len(digits) <= 15:
+            if kind == "ip" and not is_ip(m):
+                return m.group()
+            if kind == "phone" and m.group().startswith("+") and not 8 <= len(re.sub(r"\D", "", m.group())) <= 15:
                 return m.group()
             counts[kind] = counts.get(kind, 0) + 1
             return placeholder

@@ -4,10 +4,10 @@ looks complete."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,33 +77,51 @@ def clean_stale_tmp(folder: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def clean_stale_tmp_of(path: Path) -> None:
-    """Removes the temporary files a killed writer of `path` left behind, and only those: with several ranks
-    each cleans the files it owns, never another rank's work in progress."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        stale.unlink(missing_ok=True)
+TMP_PATTERN = re.compile(r"^\.(.+)\.tmp-\d+$")  # what `tmp_name` makes: .NAME.tmp-PID
 
 
-def cached_sha256(cache: str | Path) -> Callable[[Path], str]:
+def list_names(folder: Path) -> set[str]:
+    """The names in `folder` (none when it does not exist): one directory listing, no stat per entry."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries}
+    except FileNotFoundError:
+        return set()
+
+
+def stale_tmp(names: set[str]) -> list[str]:
+    """The temporary names (`tmp_name`'s) among a folder's listing: what killed writers left behind."""
+    return sorted(name for name in names if TMP_PATTERN.match(name))
+
+
+def cached_sha256(cache: str | Path | list[Path]) -> Callable[[Path], str]:
     """`sha256_file` that remembers each file's digest in the JSON file `cache`, keyed by the file's resolved
     path, size and mtime_ns: a restart skips re-reading tens of GB of unchanged weights, and a file written
     since (new size or mtime) is hashed again. An unreadable cache counts as empty. (A rewrite that keeps both
-    the size and the nanosecond mtime goes unnoticed; ordinary writes and copies change the mtime.)"""
-    cache = Path(cache)
+    the size and the nanosecond mtime goes unnoticed; ordinary writes and copies change the mtime.)
+    Several caches (a list): each is looked in, in order; a new digest goes to the first whose folder can be
+    written (e.g. beside the teacher, else in the output folder)."""
+    caches = [Path(c) for c in cache] if isinstance(cache, list) else [Path(cache)]
 
     def file_hash(path: Path) -> str:
         before = path.stat()
         key = str(path.resolve())
-        entry = _hash_entries(cache).get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) \
-                and (entry.get("size"), entry.get("mtime_ns")) == (before.st_size, before.st_mtime_ns):
-            return entry["sha256"]
+        for one in caches:
+            entry = _hash_entries(one).get(key)
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) \
+                    and (entry.get("size"), entry.get("mtime_ns")) == (before.st_size, before.st_mtime_ns):
+                return entry["sha256"]
         digest = sha256_file(path)
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):  # not changed while read
-            entries = _hash_entries(cache)  # re-read: another rank may have added its files meanwhile
-            entries[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": digest}
-            write_json(cache, entries)
+            for one in caches:
+                try:
+                    entries = _hash_entries(one)  # re-read: another process may have added its files meanwhile
+                    entries[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": digest}
+                    write_json(one, entries)
+                    break
+                except OSError:
+                    continue  # a read-only folder (a shared teacher): the next place
         return digest
 
     return file_hash

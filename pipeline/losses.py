@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import softcap_
+from pipeline.model import float32_mm, softcap_
 from pipeline.settings import setting
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
@@ -152,12 +152,14 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     (Σ w)·q − w, so one softmax, one scaling pass and a few [c, K] scatters replace an autograd graph over
     [c, V] tensors. `row_losses` is the same loss written plainly, and the tests hold the two together.
     The soft-cap bounds the logits, so every q_x ≥ e^(−2·cap)/V stays far above float32 underflow and
-    log q can be taken from q itself."""
+    log q can be taken from q itself. A student without a final soft-cap (null in its config) can drive a q
+    to 0: log q is then taken at the smallest normal float32 (`_log`), so a target weight of 0 there adds 0,
+    not 0 · log 0 = NaN, and a positive one a large finite loss."""
     ce_rows = ce_grad = None
     if cfg.kind == "ce" or cfg.alpha < 1.0:
         labels = t["labels"][:, None]
         q1 = torch.softmax(z, -1)
-        ce_rows = -q1.gather(-1, labels).squeeze(-1).log()
+        ce_rows = -_log(q1.gather(-1, labels).squeeze(-1))
         ce_grad = q1.scatter_add_(-1, labels, torch.full_like(labels, -1.0, dtype=z.dtype))
         if cfg.kind == "ce":
             return ce_rows, ce_grad
@@ -168,22 +170,22 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     target = resolve_target(cfg.target, "sample_ids" in t)
     p, r = teacher_weights(t["topk_logprobs"], t.get("tail_mass"), target, cfg)
     if target == "renorm":
-        rows = -(p * q_s.log()).sum(-1)
+        rows = -(p * _log(q_s)).sum(-1)
         grad = q.scatter_add_(-1, ids, -p)
     elif target == "sampled":
         counts = t["sample_counts"].float()
         frac = r[:, None] * counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
-        rows = -(p * q_s.log()).sum(-1) - (frac * q.gather(-1, t["sample_ids"]).log()).sum(-1)
+        rows = -(p * _log(q_s)).sum(-1) - (frac * _log(q.gather(-1, t["sample_ids"]))).sum(-1)
         mass = p.sum(-1) + frac.sum(-1)
         grad = q.mul_(mass[:, None]).scatter_add_(-1, ids, -p).scatter_add_(-1, t["sample_ids"], -frac)
     else:
-        rows = -(p * q_s.log()).sum(-1)
+        rows = -(p * _log(q_s)).sum(-1)
         mass = p.sum(-1) + r
         if ids.shape[-1] < z.shape[-1]:  # with K = V there is no tail bucket
             # Σ_{x∉S} q_x summed directly over the complement (zero S in place: no 1 − Σ_S q cancellation).
             q = q.scatter_(-1, ids, 0.0)
             q_tail = q.sum(-1)
-            rows = rows - r * q_tail.log()
+            rows = rows - r * _log(q_tail)
             k_tail = r / q_tail
             # ∂/∂z: mass·q_x − p_x on S; (mass − r/q_tail)·q_x outside S.
             grad = q.mul_((mass - k_tail)[:, None]).scatter_add_(-1, ids, q_s * mass[:, None] - p)
@@ -197,6 +199,11 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     return rows, grad
 
 
+def _log(q: torch.Tensor) -> torch.Tensor:
+    """log q of probabilities [c, K] (never [c, V]), with q = 0 read as the smallest normal float32."""
+    return q.clamp_min(torch.finfo(q.dtype).tiny).log()
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Sum over rows of the loss; gradients with respect to h and E are computed chunk by chunk during the
     forward pass (one matmul for the logits, two for the gradients), never holding [N, V]."""
@@ -208,17 +215,25 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The matmuls' dtype: autocast's, else the weight's. The tied embedding is cast to it once here, for
+        # every chunk (under FSDP's bf16 gathers it already is); each product comes out float32 (`float32_mm`).
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(dtype)
         for s in range(0, hidden.shape[0], cfg.loss_chunk):
-            h = hidden[s : s + cfg.loss_chunk]
+            h = hidden[s : s + cfg.loss_chunk].to(dtype)
             chunk = {k: v[s : s + cfg.loss_chunk] for k, v in targets.items()}
-            z = softcap_((h @ weight.T).float(), cap)  # the student's final soft-cap, in place
+            z = softcap_(float32_mm(h, w.T), cap)  # the student's final soft-cap, in place
             rows, dz = loss_and_grad(z, chunk, cfg)
             total += rows.sum()
             if need:
                 if cap is not None:  # through the soft-cap: d/dx cap·tanh(x/cap) = 1 − tanh², in place on z
                     dz = dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
-                grad_h[s : s + h.shape[0]] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_w += (dz.T.to(h.dtype) @ h).float()
+                del z
+                dz = dz.to(dtype)
+                grad_h[s : s + h.shape[0]] = float32_mm(dz, w).to(hidden.dtype)
+                grad_w += float32_mm(dz.T, h)
+            del dz
         ctx.n_targets = len(values)
         if need:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

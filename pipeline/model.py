@@ -207,6 +207,28 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
+# Devices whose half-precision matmul can write float32 itself (`torch.mm(..., out_dtype=torch.float32)`,
+# CUDA in torch 2.13; the CPU has no such kernel). pipeline/plan.py adds its fake CPU tensors while tracing.
+FLOAT32_MM_DEVICES = {"cuda"}
+
+
+def float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b [m, n] as float32, of 2-D a and b in one dtype: float32 inputs multiply plainly; half-precision
+    ones on CUDA accumulate and write float32 (no half-precision copy of the product, no rounding of it);
+    elsewhere the half-precision product is cast. (Not run on a GPU yet: should CUDA refuse out_dtype, the
+    first call falls back to the cast for the rest of the process.)"""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.device.type in FLOAT32_MM_DEVICES:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError):  # a build without the kernel: the cast from now on
+            FLOAT32_MM_DEVICES.discard(a.device.type)
+    return (a @ b).float()
+
+
 def softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """`softcap` in place, for a fresh [rows, V] logits buffer outside autograd: no second buffer of that size."""
     return x if cap is None else x.div_(cap).tanh_().mul_(cap)
@@ -232,17 +254,27 @@ class AttentionMasks:
     """The masks of one forward pass, built once per distinct window and shared by the layers: a boolean
     [B or 1, T, T] tensor for the math path, a flex_attention BlockMask for the flex path. `doc_ids` [B, T]
     numbers the documents of each row (None: one document per row, plain causal attention). `compiled`:
-    flex_attention and the block masks go through torch.compile (what makes flex fast on a GPU)."""
+    flex_attention and the block masks go through torch.compile (what makes flex fast on a GPU).
+
+    flex runs on rows padded to whole blocks (`FLEX_BLOCK`), its documents padded with -1, a value no
+    real position has. A partial block is where the compiled CPU kernels go wrong (torch 2.13, AVX2
+    kernels: NaN or wrong rows below 128 tokens, a crash at 127, even with plain causal masks) and where
+    a mask_mod would index its captured ids past the row's end (compiled code does not bounds-check).
+    Padded keys come after every real query, so the causal mask hides them; padded queries are cut off.
+    At SEQ_LEN a multiple of 128 (training, capture) nothing is padded."""
 
     def __init__(self, impl: str, length: int, doc_ids: torch.Tensor | None, device: torch.device,
                  compiled: bool = False) -> None:
         self.impl, self.length, self.doc_ids, self.device, self.compiled = impl, length, doc_ids, device, compiled
+        self.padded = -(-length // FLEX_BLOCK) * FLEX_BLOCK if impl == "flex" else length
+        if doc_ids is not None and self.padded > length:
+            self.doc_ids = torch.nn.functional.pad(doc_ids, (0, self.padded - length), value=-1)
         self._built: dict[int | None, Any] = {}
 
     def get(self, window: int | None) -> Any:
         if window not in self._built:
             if self.impl == "flex":
-                self._built[window] = make_block_mask(self.length, window, self.doc_ids, self.device, self.compiled)
+                self._built[window] = make_block_mask(self.padded, window, self.doc_ids, self.device, self.compiled)
             else:
                 self._built[window] = self._dense(self.length, window, self.doc_ids, self.device)
         return self._built[window]
@@ -250,7 +282,11 @@ class AttentionMasks:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float | None,
                window: int | None) -> torch.Tensor:
         if self.impl == "flex":
-            return flex_attention_path(q, k, v, scale, cap, self.get(window), self.compiled)
+            pad = self.padded - self.length
+            if pad:
+                q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            out = flex_attention_path(q, k, v, scale, cap, self.get(window), self.compiled)
+            return out[:, :, : self.length] if pad else out
         return math_attention(q, k, v, scale, cap, self.get(window))
 
     @staticmethod
@@ -281,6 +317,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 # compiled flex_attention and one compiled create_block_mask per process, one score_mod per cap value.
 # Graphs then number (layer kinds) × (shapes), whatever the depth or the number of steps.
 _COMPILED: dict[str, Callable[..., Any]] = {}
+# flex_attention's default sparse block: the flex path pads rows to a multiple of it (AttentionMasks).
+FLEX_BLOCK = 128
 _CAUSAL_MASKS: dict[tuple[Any, ...], Any] = {}
 
 
@@ -288,6 +326,10 @@ def _compiled(name: str) -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if not _COMPILED:
+        # Past dynamo's recompile limit (8 graphs of one function) it would run flex eagerly without a word, and
+        # eager flex materialises the [B, heads, T, T] scores (tens of GB at the 27B's shape): an error instead.
+        # Stage one pads its last batch so that it needs one graph per layer kind (pipeline/topk.py).
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         # dynamic=False: kernels specialised to each shape; training repeats one shape (and eval another).
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
         # Compiled, a document block mask is built in one fused pass instead of materialising the [B, T, T]
@@ -308,7 +350,8 @@ def softcap_score_mod(cap: float) -> Callable[..., torch.Tensor]:
 
 
 def document_mask_mod(doc_ids: torch.Tensor, window: int | None) -> Callable[..., torch.Tensor]:
-    """The mask_mod of document-masked rows: same code for every call, only the captured ids change."""
+    """The mask_mod of document-masked rows: same code for every call, only the captured ids change.
+    `doc_ids` must cover every index flex asks about: rows padded to whole blocks (AttentionMasks)."""
 
     def documents(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return attention_allowed(q_idx, kv_idx, window, doc_ids[b, q_idx], doc_ids[b, kv_idx])

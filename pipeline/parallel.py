@@ -61,11 +61,11 @@ def wrap(module: nn.Module, layers: nn.ModuleList, sharding: str, runtime: Runti
     parameters, and wraps it for data parallelism. FSDP shards each of `layers` and the root (whose own
     parameters, the tied embedding and the final norm, are gathered for the whole forward and backward).
 
-    With a `compute_dtype` (the autocast dtype), FSDP gathers the layers' weights in it: the float32 shards
-    stay the master copy, gradients are reduced in float32, the residual stream stays float32 (inputs are not
-    cast) and the layers compute what autocast would. Without it, autocast's cache of bf16 weight copies
-    would hold every layer's gathered weights until the end of the forward: 2 bytes per parameter of the
-    whole model on every rank."""
+    With a `compute_dtype` (the autocast dtype), FSDP gathers the layers' weights in it (the root's stay
+    float32, see below): the float32 shards stay the master copy, gradients are reduced in float32, the
+    residual stream stays float32 (inputs are not cast) and the layers compute what autocast would. Without
+    it, autocast's cache of bf16 weight copies would hold every layer's gathered weights until the end of the
+    forward: 2 bytes per parameter of the whole model on every rank."""
     if sharding not in SHARDINGS:
         raise PipelineError(f"--sharding {sharding!r}: use {' or '.join(SHARDINGS)}")
     if runtime.world > 1 and sharding == "fsdp":
@@ -74,6 +74,9 @@ def wrap(module: nn.Module, layers: nn.ModuleList, sharding: str, runtime: Runti
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for layer in layers:
             fully_shard(layer, mp_policy=policy)
+        # The root (tied embedding, final norm) is gathered in float32: with the policy too, its bf16 gradient
+        # moved a bf16 run on 2 ranks 6× further from the one-process run than DDP (0.059 against 0.0099,
+        # tests/stages/test_fsdp.py's bf16 case); float32 costs V × H × 2 more bytes per GPU (1.1 GiB for the 2B).
         fully_shard(module)
         module.to_empty(device=runtime.device)
         with replicated_inputs():
@@ -114,6 +117,13 @@ def grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
         return torch.zeros(())
     norm = torch.nn.utils.get_total_norm(grads, foreach=False)
     return full(norm).float()
+
+
+def scale_grads_(parameters: list[nn.Parameter], factor: torch.Tensor) -> None:
+    """Multiplies every gradient (its local shard under FSDP) by a scalar, in place."""
+    for p in parameters:
+        if p.grad is not None:
+            local(p.grad).mul_(factor.to(local(p.grad).device))
 
 
 def clip_(parameters: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:

@@ -1,31 +1,39 @@
 """Streaming reader over token or logit shards: bounded memory, exact resumable order, background prefetch.
 
-The order. Every shard is cut into chunks the size of its row groups (the first row group's row count; the
-writer uses fixed-size groups). An epoch is a seeded permutation of all chunks of all shards; consecutive
-chunks of that permutation form a shuffle buffer of about `shuffle_tokens` tokens, whose rows are permuted
-with a seed of (seed, epoch, buffer). So a buffer mixes row groups from anywhere in the cache, memory is one
-buffer (plus the prefetched batches) whatever SEQ_LEN is, and a position in the stream, the cursor
-(epoch, offset), fully determines what comes next: a resumed run sees exactly the rows an uninterrupted one
-would, with no shuffle state to save.
+The order. Every shard is cut into regions of at most `region_windows` consecutive windows (2 by default)
+that never cross a row group. An epoch is a seeded pseudo-random permutation of all regions of all shards
+(a keyed Feistel bijection evaluated on demand: no per-region state, whatever the corpus size); consecutive
+regions of it form a shuffle buffer of about `shuffle_tokens` tokens, whose rows are permuted with a seed of
+(seed, epoch, buffer). So `shuffle_tokens` buys regions — 2^21 tokens are 256 regions from anywhere in the
+cache at SEQ_LEN 4096 — and a global batch draws its windows from about as many places as it has windows,
+whatever SEQ_LEN. A position in the stream, the cursor (epoch, offset), fully determines what comes next: a
+resumed run sees exactly the rows an uninterrupted one would, with no shuffle state to save.
 
-The split. Global batches of world × batch_size rows are taken in order; rank r gets the r-th slice. Every
-rank reads the buffer's row groups (Arrow, still columnar) but takes and decodes only its own rows, so N
-processes see together exactly what one process with N times the batch sees.
+The split. Global batches of world × batch_size rows are taken in order; rank r gets the r-th slice, so N
+processes see together exactly what one process with N times the batch sees. A rank reads only the row
+groups that hold its own rows (Arrow, columnar; page checksums verified), keeps the row groups it read in a
+cache of at most `shuffle_tokens` tokens (a region's other rows usually come in a later batch of the same
+buffer), and decodes only its rows. Memory: that cache and the prefetched batches, whatever SEQ_LEN. Reading
+costs a rank about the row groups its rows touch: with stage one's row groups of ≤ 8192 tokens (2 windows at
+SEQ_LEN 4096) a rank of 8 reads ≈ a quarter of the cache an epoch; a cache written with larger row groups is
+read in the same order, each rank then decompressing a whole group for the rows it needs.
 
 The prefetch. A background thread builds the next `prefetch` batches into a bounded queue while the caller
 trains (pyarrow releases the GIL while it reads and decompresses). `cursor` is the position after the last
 batch handed out, never after one only prefetched, so it is what a checkpoint saves.
 
 Selection (`select`, pipeline/select.py). Dropped windows are skipped where the order reaches them: when a
-buffer is read, every rank computes which of its rows are kept (from the rows' own stored signals), and a
-global batch takes the next `world × batch_size` kept rows; the cursor still counts rows of the order, kept
-or not, so it stays exact. Dropped positions have their `label_mask` cleared as a batch is decoded.
+buffer is entered, every rank reads its rows' stored signals (a few bytes a position) and computes which are
+kept, and a global batch takes the next `world × batch_size` kept rows; the cursor still counts rows of the
+order, kept or not, so it stays exact. Dropped positions have their `label_mask` cleared as a batch is
+decoded.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +49,16 @@ from schemas.logits import decode, missing_columns, stored_columns
 from schemas.manifest import Manifest, read_manifest
 
 Batch = dict[str, np.ndarray]
+FOOTERS = 64  # parsed Parquet footers kept per reader (a footer is read once per shard while it is in use)
 
 
 @dataclass(frozen=True)
 class ReaderConfig:
     batch_size: int = 16  # windows per process per micro-step
-    shuffle_tokens: int = 1 << 21  # tokens permuted together (the shuffle buffer); memory follows it, not SEQ_LEN
+    shuffle_tokens: int = 1 << 21  # tokens permuted together (the shuffle buffer), and the row-group cache's size
     seed: int = 0
     prefetch: int = 8  # batches decoded ahead by the background thread (0: read in the caller's thread)
+    region_windows: int = 2  # the shuffle unit: consecutive windows that stay together in the order
 
 
 @dataclass(frozen=True)
@@ -65,27 +75,70 @@ def open_split(folder: str | Path) -> Manifest:
     return manifest
 
 
+# --- a permutation of [0, n) evaluated on demand -------------------------------------------------------
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective avalanche of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded pseudo-random bijection of [0, n): a 6-round Feistel network on the smallest even number of
+    bits that holds n, cycle-walked back into range (each value needs under 4 rounds of it on average).
+    `of(i)` is the value at positions `i`; nothing of size n is ever built."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: list[int]) -> None:
+        self.n = n
+        bits = max(2, int(n - 1).bit_length() if n > 1 else 2)
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.default_rng(key).integers(0, 2**63, self.ROUNDS, dtype=np.uint64)
+
+    def _round_trip(self, v: np.ndarray) -> np.ndarray:
+        left, right = v >> self.half, v & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def of(self, positions: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            v = self._round_trip(np.asarray(positions, dtype=np.uint64))
+            out = v >= self.n
+            while out.any():
+                v[out] = self._round_trip(v[out])
+                out = v >= self.n
+        return v.astype(np.int64)
+
+
+class _Identity:
+    def of(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(positions, dtype=np.int64)
+
+
+# --- the order and the reading --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Buffer:
-    """One shuffle buffer: its chunks' rows (Arrow, as read) and their permutation."""
+    """One shuffle buffer: its regions (shard, first row, end row), where each begins in the buffer, and
+    the permutation of its rows."""
 
     key: tuple[int, int]  # (epoch, buffer)
-    tables: list[pa.Table]  # one per chunk
-    starts: np.ndarray  # first row of each table, and the total at the end
+    shard: np.ndarray
+    lo: np.ndarray
+    starts: np.ndarray  # first buffer row of each region, and the total at the end
     perm: np.ndarray
     kept: np.ndarray | None = None  # with a window selection: the indices into `perm` of the kept rows, ascending
 
-    def take(self, rows: np.ndarray) -> pa.Table:
-        """Rows by buffer index, in that order. Taken table by table: a take across the chunks of one
-        concatenated table would first copy the whole buffer into one."""
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row in the shard) of buffer rows."""
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        parts, order = [], []
-        for t in np.unique(which):
-            picked = np.flatnonzero(which == t)
-            parts.append(self.tables[t].take(pa.array(rows[picked] - self.starts[t])))
-            order.append(picked)
-        small = pa.concat_tables(parts).combine_chunks()  # this rank's few rows only
-        return small.take(pa.array(np.argsort(np.concatenate(order))))
+        return self.shard[which], self.lo[which] + rows - self.starts[which]
 
 
 class _Order:
@@ -99,39 +152,78 @@ class _Order:
         # What decoding reads: the columns asked for, plus the selection's signal and label mask.
         self.decoded = columns + tuple(c for c in (select_columns(select)) if c not in columns)
         self.files = [folder / s.file for s in manifest.shards]
-        rows = np.array([s.rows for s in manifest.shards], dtype=np.int64)
-        self.total = int(rows.sum())
-        group = self._group_rows()
-        starts = [np.arange(0, n, group, dtype=np.int64) for n in rows]
-        self.chunk_shard = np.repeat(np.arange(len(rows)), [len(s) for s in starts])
-        self.chunk_start = np.concatenate(starts)
-        self.chunk_stop = np.minimum(self.chunk_start + group, rows[self.chunk_shard])
-        self.per_buffer = max(1, cfg.shuffle_tokens // (group * manifest.meta.seq_len))
+        self.rows = np.array([s.rows for s in manifest.shards], dtype=np.int64)
+        self.total = int(self.rows.sum())
+        self._footers: OrderedDict[int, tuple[pq.FileMetaData, np.ndarray]] = OrderedDict()
+        self.group = self._group_rows()
+        # Regions: per row group ceil(group / unit) of them; a shard's last group may be shorter.
+        self.unit = max(1, min(cfg.region_windows, self.group))
+        self.per_group = -(-self.group // self.unit)
+        full, rest = self.rows // self.group, self.rows % self.group
+        self.region_ends = np.cumsum(full * self.per_group + -(-rest // self.unit))  # O(shards)
+        self.regions = int(self.region_ends[-1])
+        self.per_buffer = max(1, cfg.shuffle_tokens // (self.unit * manifest.meta.seq_len))
         self.first, self.last = runtime.rank * cfg.batch_size, (runtime.rank + 1) * cfg.batch_size
         self.need = runtime.world * cfg.batch_size
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, chunk order, buffer end rows)
+        self._epoch: tuple[int, Permutation | _Identity, np.ndarray] | None = None  # (epoch, order, buffer end rows)
         self._buffer: _Buffer | None = None
+        # Row groups read, by (shard, group): at most `shuffle_tokens` tokens of them (and at least one group).
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._cached_rows = 0
+        self._budget = max(cfg.shuffle_tokens // manifest.meta.seq_len, self.group)
+        self.groups_read = 0  # row groups read from disk (the benchmark reports them)
 
     def _group_rows(self) -> int:
-        path = self.files[0]
+        meta = self._footer(0)[0]
+        return max(1, meta.row_group(0).num_rows) if meta.num_row_groups else 1
+
+    def _read_footer(self, shard: int) -> pq.FileMetaData:
+        path = self.files[shard]
         try:
-            meta = pq.read_metadata(path)
+            return pq.read_metadata(path)
         except (OSError, pa.ArrowException) as e:
             raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
-        return max(1, meta.row_group(0).num_rows) if meta.num_row_groups else 1
+
+    def _footer(self, shard: int) -> tuple[pq.FileMetaData, np.ndarray]:
+        """A shard's parsed footer and the first row of each of its row groups (and the total), kept for the
+        last FOOTERS shards used."""
+        if shard in self._footers:
+            self._footers.move_to_end(shard)
+            return self._footers[shard]
+        meta = self._read_footer(shard)
+        firsts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        if firsts[-1] < self.rows[shard]:
+            raise PipelineError(f"{self.files[shard]}: {firsts[-1]} rows, its manifest says {self.rows[shard]}; the "
+                                "shard is corrupted, delete it and rerun its stage")
+        self._footers[shard] = (meta, firsts)
+        if len(self._footers) > FOOTERS:
+            self._footers.popitem(last=False)
+        return meta, firsts
 
     # --- the order -------------------------------------------------------------------------------------
 
-    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's chunk order and the row at which each of its buffers ends."""
+    def _regions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, first row, end row) of regions by index: arithmetic on the per-shard region counts."""
+        shard = np.searchsorted(self.region_ends, ids, side="right")
+        j = ids - np.concatenate([[0], self.region_ends])[shard]
+        lo = (j // self.per_group) * self.group + (j % self.per_group) * self.unit
+        group_end = (j // self.per_group + 1) * self.group
+        hi = np.minimum(np.minimum(lo + self.unit, group_end), self.rows[shard])
+        return shard, lo, hi
+
+    def _layout(self, epoch: int) -> tuple[Permutation | _Identity, np.ndarray]:
+        """The epoch's region order and the row at which each of its buffers ends (computed in blocks:
+        memory O(buffers), not O(regions))."""
         if self._epoch is None or self._epoch[0] != epoch:
-            n = len(self.chunk_start)
-            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            ends = np.cumsum(self.chunk_stop[order] - self.chunk_start[order])
-            buffer_ends = ends[self.per_buffer - 1 :: self.per_buffer]
-            if len(buffer_ends) == 0 or buffer_ends[-1] != ends[-1]:
-                buffer_ends = np.append(buffer_ends, ends[-1])
-            self._epoch = (epoch, order, buffer_ends)
+            order = Permutation(self.regions, [self.cfg.seed, epoch]) if self.shuffle else _Identity()
+            ends, done, block = [], 0, self.per_buffer * max(1, (1 << 20) // self.per_buffer)
+            for at in range(0, self.regions, block):
+                ids = order.of(np.arange(at, min(at + block, self.regions)))
+                _, lo, hi = self._regions(ids)
+                sizes = np.add.reduceat(hi - lo, np.arange(0, len(ids), self.per_buffer))
+                ends.append(done + np.cumsum(sizes))
+                done = int(ends[-1][-1])
+            self._epoch = (epoch, order, np.concatenate(ends))
         return self._epoch[1], self._epoch[2]
 
     def _buffer_at(self, epoch: int, offset: int) -> tuple[_Buffer, int, int]:
@@ -140,26 +232,73 @@ class _Order:
         index = int(np.searchsorted(ends, offset, side="right"))
         start, end = (int(ends[index - 1]) if index else 0), int(ends[index])
         if self._buffer is None or self._buffer.key != (epoch, index):
-            self._buffer = None  # release the previous buffer before reading the next: one in memory at a time
-            chunks = order[index * self.per_buffer : (index + 1) * self.per_buffer]
-            tables = [self._read_rows(int(self.chunk_shard[c]), int(self.chunk_start[c]), int(self.chunk_stop[c]))
-                      for c in chunks]
+            ids = order.of(np.arange(index * self.per_buffer, min((index + 1) * self.per_buffer, self.regions)))
+            shard, lo, hi = self._regions(ids)
             size = end - start
             perm = (np.random.default_rng([self.cfg.seed, epoch, index, 1]).permutation(size) if self.shuffle
                     else np.arange(size))
-            kept = self._kept_windows(tables, perm)
-            self._buffer = _Buffer((epoch, index), tables, np.cumsum([0] + [t.num_rows for t in tables]), perm, kept)
+            buffer = _Buffer((epoch, index), shard, lo, np.concatenate([[0], np.cumsum(hi - lo)]), perm)
+            self._buffer = _Buffer(buffer.key, shard, lo, buffer.starts, perm, self._kept_windows(buffer))
         return self._buffer, start, end
 
-    def _kept_windows(self, tables: list[pa.Table], perm: np.ndarray) -> np.ndarray | None:
-        """With a window selection: which positions of `perm` hold kept rows (from the buffer's own rows)."""
+    def _kept_windows(self, buffer: _Buffer) -> np.ndarray | None:
+        """With a window selection: which positions of `perm` hold kept rows (from the buffer's own rows'
+        signals, read for every row of the buffer: a few bytes a position)."""
         if self.select is None or self.select.selection.unit != "windows":
             return None
         column = self.select.selection.column
-        arrays = [decode(t, ("label_mask", column), self.meta) for t in tables]
-        keep = self.select.keep_windows(np.concatenate([a[column] for a in arrays]),
-                                        np.concatenate([a["label_mask"] for a in arrays]))
-        return np.flatnonzero(keep[perm])
+        shard, row = buffer.rows(np.arange(buffer.starts[-1]))
+        arrays = decode(self._take(shard, row, stored_columns(("label_mask", column), self.stored), cache=False),
+                        ("label_mask", column), self.meta)
+        keep = self.select.keep_windows(arrays[column], arrays["label_mask"])
+        return np.flatnonzero(keep[buffer.perm])
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def _take(self, shard: np.ndarray, row: np.ndarray, columns: list[str], cache: bool = True) -> pa.Table:
+        """Rows (shard, row in the shard), in that order, reading each row group they touch once."""
+        group = np.empty_like(row)
+        first = np.empty_like(row)
+        for s in np.unique(shard):  # per shard, vectorised over its rows
+            mine = shard == s
+            firsts = self._footer(int(s))[1]
+            group[mine] = np.searchsorted(firsts, row[mine], side="right") - 1
+            first[mine] = firsts[group[mine]]
+        keys, inverse = np.unique(shard * (1 << 32) + group, return_inverse=True)
+        by_group = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[by_group], np.arange(len(keys) + 1))
+        parts = []
+        for i, key in enumerate(keys):
+            picked = by_group[bounds[i]:bounds[i + 1]]
+            s, g = int(key >> 32), int(key & 0xFFFFFFFF)
+            table = self._group(s, g, columns) if cache else self._read_groups(s, [g], columns)
+            parts.append(table.take(pa.array(row[picked] - first[picked])))
+        small = pa.concat_tables(parts).combine_chunks()  # these rows only
+        return small.take(pa.array(np.argsort(by_group)))
+
+    def _group(self, shard: int, group: int, columns: list[str]) -> pa.Table:
+        """One row group's columns, from the cache or read (and cached, the least recently used dropped)."""
+        key = (shard, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        table = self._read_groups(shard, [group], columns)
+        self._groups[key] = table
+        self._cached_rows += table.num_rows
+        while self._cached_rows > self._budget and len(self._groups) > 1:
+            self._cached_rows -= self._groups.popitem(last=False)[1].num_rows
+        return table
+
+    def _read_groups(self, shard: int, groups: list[int], columns: list[str]) -> pa.Table:
+        path = self.files[shard]
+        meta, _ = self._footer(shard)
+        try:
+            f = pq.ParquetFile(path, metadata=meta, page_checksum_verification=True)
+            table = f.read_row_groups(groups, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
+        self.groups_read += len(groups)
+        return table
 
     def _decode(self, table: pa.Table) -> Batch:
         out = decode(table, self.decoded, self.meta)
@@ -167,26 +306,6 @@ class _Order:
             out["label_mask"] = self.select.keep_positions(out[self.select.selection.column], out["label_mask"])
         # Arrow-backed arrays are read-only; the caller (torch) gets its own writable copy.
         return {k: np.require(out[k], requirements="W") for k in self.columns}
-
-    def _read_rows(self, shard: int, lo: int, hi: int) -> pa.Table:
-        """Reads only the row groups that cover rows [lo, hi) of one shard."""
-        path = self.files[shard]
-        try:
-            f = pq.ParquetFile(path, page_checksum_verification=True)
-            groups, first, at = [], None, 0
-            for g in range(f.num_row_groups):
-                n = f.metadata.row_group(g).num_rows
-                if at < hi and at + n > lo:
-                    groups.append(g)
-                    first = at if first is None else first
-                at += n
-            table = f.read_row_groups(groups, columns=self.stored)
-        except (OSError, pa.ArrowException) as e:
-            raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
-        if at < hi:
-            raise PipelineError(f"{path}: {at} rows, its manifest says more; the shard is corrupted, delete it and "
-                                "rerun its stage")
-        return table.slice(lo - (first or 0), hi - lo)
 
     # --- batches -----------------------------------------------------------------------------------------
 
@@ -206,12 +325,28 @@ class _Order:
                 raise PipelineError(f"{self.folder}: --select {self.select.selection.spec!r} keeps no window of this "
                                     "split; widen the range")
             lo, hi = max(self.first - taken, 0), min(self.last - taken, n)
-            if lo < hi:  # this rank's rows in this stretch: take them from the buffer, decode only those
-                parts.append(self._decode(buffer.take(buffer.perm[picked[lo:hi]])))
+            if lo < hi:  # this rank's rows in this stretch: read their row groups, decode only those rows
+                shard, row = buffer.rows(buffer.perm[picked[lo:hi]])
+                parts.append(self._decode(self._take(shard, row, self.stored)))
             taken += n
         if len(parts) == 1:
             return parts[0], Cursor(epoch, offset)
         return {k: np.concatenate([p[k] for p in parts]) for k in self.columns}, Cursor(epoch, offset)
+
+    def regions_of(self, cursor: Cursor, rows: int) -> tuple[np.ndarray, np.ndarray, Cursor]:
+        """(shard, row) of the next `rows` rows of the order from `cursor` (all ranks' rows, selection aside),
+        without reading them: what the benchmark counts regions and row groups of."""
+        epoch, offset, shards, lows = cursor.epoch, cursor.offset, [], []
+        while rows > 0:
+            if offset >= self.total:
+                epoch, offset = epoch + 1, 0
+            buffer, start, end = self._buffer_at(epoch, offset)
+            n = min(rows, end - offset)
+            shard, row = buffer.rows(buffer.perm[np.arange(offset - start, offset - start + n)])
+            shards.append(shard)
+            lows.append(row)
+            offset, rows = offset + n, rows - n
+        return np.concatenate(shards), np.concatenate(lows), Cursor(epoch, offset)
 
     @staticmethod
     def _pick(buffer: _Buffer, at: int, size: int, want: int) -> tuple[np.ndarray, int]:

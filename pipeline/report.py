@@ -22,7 +22,7 @@ from pipeline.evaluate import evaluate
 from pipeline.fsutil import cached_sha256, read_json, write_json
 from pipeline.layout import Layout
 from pipeline.runtime import teacher_dtype
-from pipeline.train import unfinished
+from pipeline.train import cache_note, unfinished
 from schemas.common import to_json
 from schemas.logits import MODE_COLUMNS, TOPK_COLUMNS, WINDOW
 from schemas.manifest import Manifest, read_manifest
@@ -55,14 +55,18 @@ def cached_eval(model_dir: Path, val: Path, teacher: bool = False) -> dict[str, 
     # Single or sharded weights; their hashes remembered beside the result, so a rerun reads no weights.
     # The teacher's weight hashes are the ones stage one remembered beside the cache (54 GB for a 27B: once).
     hashes = val.parent / HASH_CACHE if teacher else model_dir / ".eval_hashes.json"
+    manifest = read_manifest(val, "logits")
     key = {"weights": model_fingerprint(model_dir, file_hash=cached_sha256(hashes)),
-           "val": [s.sha256 for s in read_manifest(val, "logits").shards]}
+           "val": [s.sha256 for s in manifest.shards]}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["metrics"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(load_model(model_dir, dtype=teacher_dtype(device) if teacher else None, device=device), val)
+    # The teacher at the capture's batch size: the shape stage one ran (and compiled) it in, the memory it fits.
+    batch = int((manifest.stats.capture_config or {}).get("batch_size", 16)) if teacher else 16
+    metrics = evaluate(load_model(model_dir, dtype=teacher_dtype(device) if teacher else None, device=device), val,
+                       batch_size=batch)
     write_json(path, {"key": key, "metrics": metrics})
     return metrics
 
@@ -135,6 +139,9 @@ def collect(paths: Paths) -> list[dict[str, Any]]:
             continue
         run = read_run_config(folder)
         final = _final_metrics(folder)
+        note = cache_note(folder)
+        if note:
+            print(f"{folder.name}: {note}", file=sys.stderr)
         mode = run.loss["target"] if run.loss["kind"] == "kd" else "-"
         data = Path(run.data)
         metrics = final
@@ -144,7 +151,8 @@ def collect(paths: Paths) -> list[dict[str, Any]]:
         rows.append(_row(folder.name, params, run.loss["kind"], mode, final["tokens"], metrics, final["wall_s"],
                          run.student, seed=run.train["seed"], lr=run.optim["lr"], cache=data.name,
                          select=run.train.get("select") or None, selected=_selection(folder),
-                         target_bytes_per_token=_target_bytes(data) if run.loss["kind"] == "kd" else None))
+                         target_bytes_per_token=_target_bytes(data) if run.loss["kind"] == "kd" else None,
+                         cache_note=note))
     return rows
 
 
@@ -224,9 +232,11 @@ def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[s
         lines.append("| " + " | ".join(_fmt(x) for x in (
             r["name"], r["parameters"], r["training_tokens"], r["loss_mode"], r["cache_mode"], r["val_ce"], r["val_ppl"],
             r["kl_to_teacher"], r["top1_agreement"], r["ece"], r["wall_s"] and _fmt(r["wall_s"], 1))) + " |")
-    lines += ["", "## Distilled vs " + ("hard labels (same start, same windows, same token budget)" if chat else
-                                        "from scratch (same windows, same token budget)"), ""]
-    for kd, ce in pairs(rows):
+    twins = pairs(rows)
+    if twins:  # a section only when a student has a CE twin: no empty headings
+        lines += ["", "## Distilled vs " + ("hard labels (same start, same windows, same token budget)" if chat else
+                                            "from scratch (same windows, same token budget)"), ""]
+    for kd, ce in twins:
         gap = (ce["val_ppl"] - kd["val_ppl"]) / ce["val_ppl"]
         verdict = "meets" if gap >= TARGET_GAP else "misses"
         lines.append(f"- {kd['student']}: KD ({kd['cache_mode']}) {'response-token ' if chat else ''}perplexity "
@@ -248,6 +258,10 @@ def markdown(rows: list[dict[str, Any]], cache: Manifest, bytes_per_mode: dict[s
                              f"{r['val_ppl']:.2f} | {_fmt(r['kl_to_teacher'])} | {r['ece']:.4f} |")
         lines += ["", "bytes/token counts the compressed target columns only (input_ids excluded: the tokens are "
                   "stored anyway)."]
+    notes = [r for r in rows if r.get("cache_note")]
+    if notes:
+        lines += ["", "## Students whose cache is gone or was replaced", ""]
+        lines += [f"- {r['name']}: {r['cache_note']}" for r in notes]
     lines += findings_section(rows, cache_name)
     merged = [r for r in rows if r["loss_mode"] == "merged"]
     if merged:

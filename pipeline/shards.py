@@ -2,11 +2,14 @@
 
 Row groups hold a fixed number of rows (never "whatever one batch was"), so the bytes of a shard do not
 depend on batch size, rank count or restarts. (Stage one runs its writers on a background thread:
-pipeline/capture.py `Background`.)
+pipeline/capture.py `Background`.) The writer hashes the bytes as it writes them (Parquet is written front
+to back, never seeking), so the sha256 of a shard costs no second read: `ShardWriter.sha256`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 from types import TracebackType
@@ -41,8 +44,35 @@ def _leaf(t: pa.DataType) -> pa.DataType:
     return t
 
 
+class _HashingSink(io.RawIOBase):
+    """A write-only file that passes every byte to `file` and to a sha256."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        super().__init__()
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.file.write(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:  # the Parquet writer closes its sink; the file is the ShardWriter's to close
+        self.flush()
+        super().close()
+
+
 class ShardWriter:
-    """Writes one shard; the final name appears only when every row is on disk."""
+    """Writes one shard; the final name appears only when every row is on disk. After a clean exit `sha256`
+    and `bytes` describe the file as written."""
 
     def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int, level: int = 3,
                  options: dict[str, Any] | None = None) -> None:
@@ -52,7 +82,17 @@ class ShardWriter:
         self.tmp = tmp_name(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # `options`: a caller's own Parquet options (the logit cache's: schemas.logits.write_options).
-        self.writer = pq.ParquetWriter(self.tmp, schema, **(options or parquet_options(schema, level)))
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in _finish / __exit__)
+        self.sink = _HashingSink(self.file)
+        try:
+            self.writer = pq.ParquetWriter(pa.PythonFile(self.sink, mode="w"), schema,
+                                           **(options or parquet_options(schema, level)))
+        except BaseException:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self.sha256: str | None = None
+        self.bytes: int | None = None
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
@@ -78,8 +118,10 @@ class ShardWriter:
         if self.footer:
             self.writer.add_key_value_metadata(self.footer)
         self.writer.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.sha256, self.bytes = self.sink.digest.hexdigest(), self.sink.size
         os.replace(self.tmp, self.path)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -90,5 +132,6 @@ class ShardWriter:
         try:
             self.writer.close()
         finally:
+            self.file.close()
             self.tmp.unlink(missing_ok=True)
 

@@ -11,9 +11,11 @@ run continues from its completed units.
 Units are dealt round-robin to WORKERS local processes per rank (`unit % (ranks × workers)`). Rank 0 then
 waits for every needed unit's record on the shared file system (polling, no collective, so no timeout
 can fire during a long run; a failed rank leaves a failure record that rank 0 reports), and writes each
-split's manifest from the records in unit order: train up to --corpus-tokens, val up to --val-tokens (the
-first windows covering the cap; the last kept shard is cut to a `-cap` copy). Both caps depend on the
-unit order only, never on the process count.
+split's manifest from the records in unit order: train up to --corpus-tokens (the leading units), val up to
+--val-tokens (whole units spread evenly over the plan, `spread_order`); the last kept shard is cut to a `-cap`
+copy. Both caps depend on the records only, never on the process count. A document's split is a hash of its
+content (pipeline/corpus.py `split_key`), so val documents never reach train: those of val units beyond the
+cap are in neither split.
 
 Chat (`--format chat`): each conversation is rendered in Gemma's template and tokenized whole, its
 `loss_mask` taken from the tokens' character spans (pipeline/chat.py); it is packed as one document
@@ -35,6 +37,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import chat
-from pipeline.corpus import CorpusSpec, Piece, Unit, is_val, iter_documents, plan_units, read_unit
+from pipeline.corpus import CorpusSpec, Piece, Splitter, Unit, iter_split_documents, plan_units, read_unit
 from pipeline.errors import PipelineError
 from pipeline.filters import (
     DROPS,
@@ -77,18 +80,19 @@ BATCH_CHARS = 4 << 20  # characters per sentencepiece batch call (several pieces
 BATCH_PIECES = 1024
 STALE_S = 60.0  # a failure record older than rank 0's start by more than this is from an earlier run
 PII_KINDS = ("email", "phone", "ip", "card")
+BAD_LINES_SHOWN = 10  # per unit: malformed lines named on stderr under --skip-bad-lines (all are counted)
 CONVERSATION_COUNTS = ("whole", "cut", "too_long", "no_reply", "markers")
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
     seq_len: int = setting(128, "positions per window (a window holds SEQ_LEN+1 tokens)")
-    val_fraction: float = setting(0.03, "share of documents (by a hash of their id) in the validation split")
+    val_fraction: float = setting(0.03, "share of documents (by a hash of their content) in the validation split")
     shard_windows: int = setting(1024, "windows per token shard")
     vocab_size: int = setting(4096, "pieces of a tokenizer trained here (unused with --tokenizer)", flag="vocab")
     corpus_tokens: int = setting(0, "stop after this many train tokens (0: the whole corpus)")
-    val_tokens: int = setting(2_000_000, "cap on the validation split: its first windows in corpus order that cover "
-                                         "this many tokens (0: no cap)")
+    val_tokens: int = setting(2_000_000, "cap on the validation split: whole work units spread evenly over the "
+                                         "corpus that cover this many tokens (0: no cap)")
     workers: int = setting(1, "tokenizer processes on this host (per rank under LAUNCH); the output does not "
                               "depend on it")
     unit_bytes: int = setting(64 << 20, "corpus bytes per work unit (a group of small files or a slice of a large "
@@ -103,8 +107,8 @@ def train_tokenizer(spec: CorpusSpec, cfg: TokenizeConfig) -> Tokenizer:
     if spec.chat:
         raise PipelineError("FORMAT=chat tokenizes with the teacher's tokenizer: pass --tokenizer (TOKENIZER=) "
                             "its tokenizer.model")
-    texts = (text for doc_id, text in iter_documents(spec, cfg.unit_bytes, cfg.piece_bytes)
-             if not is_val(doc_id, cfg.val_fraction))
+    texts = (text for split, _, text in iter_split_documents(spec, cfg.unit_bytes, cfg.piece_bytes, cfg.val_fraction)
+             if split == "train")
     return Tokenizer.train(texts, cfg.vocab_size)
 
 
@@ -152,7 +156,8 @@ def split_metas(spec: CorpusSpec, tokenizer: Tokenizer, cfg: TokenizeConfig,
                           tokenizer_fingerprint=tokenizer.fingerprint, corpus=spec.describe(), split=s,
                           format=spec.format, val_fraction=cfg.val_fraction, corpus_tokens=cfg.corpus_tokens,
                           shard_windows=cfg.shard_windows, val_tokens=cfg.val_tokens, unit_bytes=cfg.unit_bytes,
-                          filters=filters.describe())
+                          filters=filters.describe(), split_by="content",
+                          text_docs=spec.text_docs if spec.text_docs != "file" else None)
             for s in SPLITS}
 
 
@@ -163,6 +168,7 @@ def _sha(obj: Any) -> str:
 def _unit_key(meta: TokensMeta, spec: CorpusSpec, cfg: TokenizeConfig) -> str:
     """Everything a unit's output depends on besides its own input (which its record holds)."""
     return _sha({**to_json(meta), "split": None, "text_column": spec.text_column,
+                 **({"skip_bad_lines": 1} if spec.skip_bad_lines else {}),
                  "messages_column": spec.messages_column, "dataset_split": spec.dataset_split,
                  "piece_bytes": cfg.piece_bytes})
 
@@ -283,13 +289,17 @@ def _tokenize_unit(job: _Job, unit: Unit, tokenizer: Tokenizer, bar: Any) -> Non
     budgets = {"train": cfg.corpus_tokens, "val": val_target(cfg)}  # one unit never needs more (0: all)
     stats = {s: _SplitStats.new(job) for s in SPLITS}
     verdicts = _Verdicts(job, unit)
+    splitter = Splitter(cfg.val_fraction)
     for batch in _batches(read_unit(job.spec, unit, cfg.piece_bytes)):
         open_ = {s for s in SPLITS if not budgets[s] or writers[s].total * cfg.seq_len < budgets[s]}
         if not open_:
             break
         routed = []
         for piece in batch:
-            split = "val" if is_val(piece.doc_id, cfg.val_fraction) else "train"
+            if piece.bad is not None:
+                stats["train"].bad_line(piece.bad)
+                continue
+            split = splitter(piece)
             code = verdicts.code(piece)
             if split not in open_:
                 continue
@@ -352,8 +362,16 @@ class _SplitStats:
     def new(cls, job: _Job) -> _SplitStats:
         names = [n for n in job.filters.active if n != "pii"]
         names += [f"pii_{k}" for k in PII_KINDS] if job.filters.pii else []
+        names += ["bad_lines"] if job.spec.skip_bad_lines else []
         return cls(0, dict.fromkeys(names, 0) if names else None,
                    dict.fromkeys(CONVERSATION_COUNTS, 0) if job.chat else None)
+
+    def bad_line(self, why: str) -> None:
+        """A malformed line skipped under --skip-bad-lines: named on stderr (the first few), counted."""
+        assert self.filters is not None
+        self.filters["bad_lines"] += 1
+        if self.filters["bad_lines"] <= BAD_LINES_SHOWN:
+            print(f"skipped: {why}", file=sys.stderr, flush=True)
 
     def dropped(self, code: int) -> None:
         assert self.filters is not None
@@ -535,6 +553,7 @@ def _sketch_key(job: _Job) -> str:
     """What a unit's sketches depend on besides its input."""
     spec = job.spec
     return _sha({"filters": job.filters.describe(), "format": spec.format, "text_column": spec.text_column,
+                 **({"text_docs": spec.text_docs} if spec.text_docs != "file" else {}),
                  "messages_column": spec.messages_column, "dataset_split": spec.dataset_split,
                  "piece_bytes": job.cfg.piece_bytes})
 
@@ -568,6 +587,8 @@ def _sketch_unit(job: _Job, unit: Unit, bar: Any) -> None:
     flt, sketches = job.filters, Sketches()
     current, doc_id = None, None
     for piece in read_unit(job.spec, unit, job.cfg.piece_bytes):
+        if piece.bad is not None:
+            continue  # no document: tokenization skips it too
         if piece.turns is not None:
             sketches.add(sketch_chat(scrub_turns(piece.turns)[0] if flt.pii else piece.turns, flt))
             bar.update(1)
@@ -707,22 +728,42 @@ def _summed(records: list[dict[str, Any]], split: str, key: str) -> dict[str, in
     return {k: sum(f.get(k, 0) for f in found) for k in sorted({k for f in found for k in f})}
 
 
+def spread_order(n: int) -> list[int]:
+    """0…n-1 in bit-reversed order (0, n/2, n/4, 3n/4, …): every prefix is spread evenly over the range, so
+    the first k units taken cover the whole plan at a spacing of about n/k."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+
+
 def _capped(job: _Job, split: str, records: list[dict[str, Any]], cap: int) -> list[ShardRecord]:
-    """The split's shards in unit order up to the first windows covering `cap` tokens (0: all); the shard
-    that crosses the cap is replaced by a copy of its leading rows."""
+    """The split's shards up to the windows covering `cap` tokens (0: all), in unit order; the shard that
+    crosses the cap is replaced by a copy of its leading rows. Train takes the leading units (CORPUS_TOKENS is
+    a prefix of the corpus); the capped val split takes whole units spread over the whole plan
+    (`spread_order`), so a corpus of folders is represented in proportion. Both depend on the records alone,
+    never on the process count. Val documents of units beyond the cap are in neither split."""
+    with_shards = [r for r in records if r["splits"][split]["shards"]]
+    order = spread_order(len(with_shards)) if split == "val" and cap else range(len(with_shards))
+    chosen, covered = [], 0
+    for i in order:
+        if cap and covered >= cap:
+            break
+        chosen.append(with_shards[i])
+        covered += sum(s["tokens"] for s in with_shards[i]["splits"][split]["shards"])
+    last = chosen[-1]["unit"]["index"] if chosen else None  # the unit the cap falls in: taken last
+    chosen.sort(key=lambda r: (r["unit"]["index"] == last, r["unit"]["index"]))
     kept, covered = [], 0
-    for record in records:
+    for record in chosen:
         for raw in record["splits"][split]["shards"]:
             shard = from_json(ShardRecord, raw, job.out / UNITS)
             if cap and covered >= cap:
-                return kept
+                break
             if cap and covered + shard.tokens > cap:
                 rows = math.ceil((cap - covered) / job.cfg.seq_len)
                 shard = _cut(job.out / split / shard.file, rows, job.metas[split], job.cfg.seq_len) if rows < shard.rows \
                     else shard
             kept.append(shard)
             covered += shard.tokens
-    return kept
+    return sorted(kept, key=lambda r: r.file)  # unit order (shard names carry the unit index)
 
 
 def _cut(path: Path, rows: int, meta: TokensMeta, seq_len: int) -> ShardRecord:

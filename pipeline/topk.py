@@ -11,10 +11,12 @@ chunking or rank count. They are inverse-CDF draws, i.i.d. or stratified (draw j
 less variance where the mass is. That pays for pure sampling (K = 0), where the head is drawn too, and not
 measurably for draws from a flat tail outside a top K (benchmarks/storage.py), so i.i.d. stays the default.
 
-Memory: one chunk's float32 logits [c, V] is the only full-size buffer. It is transformed in place (soft-cap,
-τ, log-softmax, then probabilities, then the tail with the top K zeroed); whatever needs a temporary of the
-row width (the sum of exponentials, the entropy, the float64 cumulative sums of the draws) walks the chunk
-in row sub-chunks of c/8 rows. benchmarks/head_memory.py measures the peak.
+Memory: one chunk's float32 logits [c, V] is the only full-size buffer, and only one exists at a time (each
+is released before the next chunk's matmul; on CUDA a bf16 teacher's matmul writes float32 directly, so no
+bf16 copy sits beside it). It is transformed in place (soft-cap, τ, log-softmax, then probabilities, then
+the tail with the top K zeroed); whatever needs a temporary of the row width (the sum of exponentials, the
+entropy, the float64 cumulative sums of the draws) walks the chunk in row sub-chunks of c/8 rows, one
+sub-chunk's temporary at a time. benchmarks/head_memory.py measures the peak, `make plan` traces it.
 
 Numerics guard: a row whose logits hold a NaN or inf raises `NonFiniteLogits` naming its window and position;
 nothing of the batch is returned. The test is cheap, per-row reductions: the raw logits' max and min before
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import Gemma2, softcap_
+from pipeline.model import FLOAT32_MM_DEVICES, Gemma2, float32_mm, softcap_
 from pipeline.settings import setting
 from schemas.logits import Targets
 from schemas.tokens import document_ids
@@ -46,8 +48,8 @@ class TopKConfig:
                             "needs --samples)")
     samples: int = setting(0, "draws per position from the distribution outside the top K (0: none; with --topk 0 "
                               "from the whole distribution)")
-    head_chunk: int = setting(2048, "positions per head/softmax chunk: the head's peak memory is about 1.3 (1.7 with "
-                                    "tail draws) × chunk × vocab float32 (benchmarks/head_memory.py)")
+    head_chunk: int = setting(2048, "positions per head/softmax chunk: the head's peak memory is about 1.15 (1.25 "
+                                    "with tail draws) × chunk × vocab float32 (make plan; benchmarks/head_memory.py)")
     sample_seed: int = setting(0, "seed of the tail draws")
     sampling: str = setting("iid", "how the N draws are made: iid (N independent draws) or stratified (draw j from "
                                    "the j-th N-th of the distribution: unbiased, less variance where single ids "
@@ -99,11 +101,29 @@ def window_uniforms(window: int, positions: int, samples: int, seed: int, sampli
     return u
 
 
+def float32_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weightᵀ as one float32 [c, V] buffer and nothing beside it. float32 weights: the plain matmul. On
+    CUDA in bf16 the matmul writes float32 itself (`torch.mm(..., out_dtype=torch.float32)`): no bf16 copy
+    of the logits, and no bf16 rounding of them before the float32 softmax. Elsewhere (a CPU in bf16) the
+    bf16 product is made `SUB_CHUNKS` row blocks at a time into the float32 buffer, so the bf16 copy is an
+    eighth of it (those logits are bf16-rounded)."""
+    if h.dtype == torch.float32:
+        return h @ weight.T
+    if h.device.type in FLOAT32_MM_DEVICES:
+        return float32_mm(h, weight.T)
+    z = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+    sub = sub_rows(h.shape[0])
+    for r in range(0, h.shape[0], sub):
+        z[r : r + sub] = h[r : r + sub] @ weight.T
+    return z
+
+
 def head_logits(model: Gemma2, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.logits(h)` with the same cast order (the tied head's matmul in the activation dtype, then
-    float32, then the final soft-cap in float32) and the same values, the soft-cap applied in place: one
-    float32 [c, V] buffer instead of three. Also [c] bool: the row was finite before the soft-cap."""
-    z = (h @ model.head_weight.T).float()
+    """`model.logits(h)`'s cast order (the tied head's matmul, float32 logits, then the final soft-cap in
+    float32), the soft-cap applied in place: one float32 [c, V] buffer (`float32_logits`). The same values
+    in float32; in bf16 on CUDA the logits are not rounded to bf16 first, as `model.logits`' are. Also [c]
+    bool: the row was finite before the soft-cap."""
+    z = float32_logits(h, model.head_weight)
     finite = torch.isfinite(z.amax(dim=-1)) & torch.isfinite(z.amin(dim=-1))  # NaN propagates through both
     return softcap_(z, model.config.final_logit_softcapping), finite
 
@@ -133,6 +153,7 @@ def head_targets(z: torch.Tensor, k: int, temperature: float = 1.0, uniforms: to
         # −Σ p·log p as a batched dot product: no [rows, V] product tensor.
         entropy[r : r + sub] = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1).neg_()
         logp.copy_(p)  # z now holds probabilities
+        del p  # before the next sub-chunk's exp: one row-width temporary at a time
     tail_probs = z.scatter_(-1, top_ids, 0.0)
     # With K = 0 the tail is the whole distribution: exactly 1, so the sampled loss is the RS-KD estimator.
     tail = tail_probs.sum(-1) if k else torch.ones_like(lse)
@@ -152,12 +173,10 @@ def _logsumexp_rows(z: torch.Tensor, sub: int) -> torch.Tensor:
     return total.log_().add_(m)
 
 
-@torch.no_grad()
-def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], cfg: TopKConfig,
-                    mask: torch.Tensor | None = None) -> Targets:
-    """input_ids [B, T+1] (window rows, documents masked by their `<bos>`); targets for the T positions that
-    have a label. With `mask` [B, T], the head runs only where it is true; other positions hold zeros.
-    Raises `NonFiniteLogits` for the first row (in order) whose logits are not finite."""
+def teacher_hidden(model: Gemma2, input_ids: torch.Tensor, mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The final hidden states [P, H] and labels [P] of the positions the head runs on (those of `mask`, or
+    all), and their flat indices (None: all)."""
     b, t = input_ids.shape[0], input_ids.shape[1] - 1
     inputs = input_ids[:, :t]
     hidden = model.hidden_states(inputs, document_ids(inputs)).reshape(b * t, -1)
@@ -165,16 +184,42 @@ def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], 
     keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
     if keep is not None:
         hidden, labels = hidden[keep], labels[keep]
-    uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.sample_seed, cfg.sampling) for w in windows])
-                if cfg.samples else None)
-    if uniforms is not None and keep is not None:
-        uniforms = uniforms[keep.cpu()]
+    return hidden, labels, keep
+
+
+def head_chunks(model: Gemma2, hidden: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor | None,
+                cfg: TopKConfig) -> list[HeadTargets]:
+    """The head over `hidden` in `cfg.head_chunk` rows at a time. Each chunk's float32 [c, V] buffer is
+    released before the next chunk's matmul, so one such buffer exists at a time."""
     chunks = []
     for start in range(0, hidden.shape[0], cfg.head_chunk):
         h = hidden[start : start + cfg.head_chunk]
         u = None if uniforms is None else uniforms[start : start + h.shape[0]].to(h.device)
         z, finite = head_logits(model, h)
         chunks.append(head_targets(z, cfg.topk, cfg.temperature, u, finite, labels[start : start + h.shape[0]]))
+        del z  # before the next matmul: otherwise two [c, V] buffers are alive at once
+    return chunks
+
+
+@torch.no_grad()
+def teacher_targets(model: Gemma2, input_ids: torch.Tensor, windows: list[int], cfg: TopKConfig,
+                    mask: torch.Tensor | None = None, pad_to: int = 0) -> Targets:
+    """input_ids [B, T+1] (window rows, documents masked by their `<bos>`); targets for the T positions that
+    have a label. With `mask` [B, T], the head runs only where it is true; other positions hold zeros.
+    `pad_to`: a batch of fewer rows (a shard's last) runs the forward at that many, padded with copies of
+    its first row that the head skips, so a compiled forward sees one shape per stage; the targets are the B
+    real rows'. Raises `NonFiniteLogits` for the first row (in order) whose logits are not finite."""
+    b, t = input_ids.shape[0], input_ids.shape[1] - 1
+    if b < pad_to:
+        real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        mask = torch.cat([real, torch.zeros(pad_to - b, t, dtype=torch.bool, device=real.device)])
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(pad_to - b, -1)])
+    hidden, labels, keep = teacher_hidden(model, input_ids, mask)  # padded rows are never in `keep`
+    uniforms = (torch.cat([window_uniforms(w, t, cfg.samples, cfg.sample_seed, cfg.sampling) for w in windows])
+                if cfg.samples else None)
+    if uniforms is not None and keep is not None:
+        uniforms = uniforms[keep.cpu()]
+    chunks = head_chunks(model, hidden, labels, uniforms, cfg)
     rows = np.arange(b * t) if keep is None else keep.cpu().numpy()
     if chunks:
         ok = torch.cat([c.finite for c in chunks]).cpu().numpy()  # one device sync for the whole batch
@@ -211,6 +256,7 @@ def _draw(tail_probs: torch.Tensor, u: torch.Tensor, rows: int | None = None) ->
         total = cdf[:, -1:]
         # Just under the total: u·total can round up to it for u close to 1.
         picks[r : r + rows] = torch.searchsorted(cdf, u[r : r + rows] * total * (1 - 1e-12), right=True)
+        del cdf, total  # before the next block's float64 copy
     return picks.clamp_(max=tail_probs.shape[-1] - 1).sort(dim=-1).values
 
 

@@ -5,12 +5,18 @@ GPU, under `torchrun`/`accelerate launch` (both set the environment `Runtime.fro
 on a GPU. The model is built on the meta device and materialised where it trains (sharded under FSDP). The
 reader splits rows across ranks itself, so N processes see what one process with N× the batch sees.
 
-Checkpoints (weights, AdamW moments, step, reader cursor, RNG; safetensors + JSON, nothing pickled) go to
-`checkpoint/step-N/`, one file per rank under FSDP (its shards) and one under DDP; `checkpoint/latest.json`
-names the complete one and is replaced atomically, older folders are deleted after, so a complete checkpoint
-exists at every instant. A resumed run continues to the same final weights as an uninterrupted one (same
-number of processes). A step whose loss or gradient norm is not finite is skipped; `max_bad_steps` of them
-in a row stop the run with the last good checkpoint kept.
+Checkpoints (weights, AdamW moments, step, reader cursor, RNG) go to `checkpoint/step-N/` through
+torch.distributed.checkpoint (DCP) in its Hugging Face storage: safetensors files whose JSON headers carry
+the layout, plus state.json; nothing pickled. Every rank writes its part (its shards under FSDP; under DDP
+the replicated tensors spread over the ranks), and DCP reshards on load, so a run killed on N processes
+resumes on M, under DDP or FSDP, each rank reading only the slices it holds. `checkpoint/latest.json` names
+the complete one and is replaced atomically, older folders are deleted after, so a complete checkpoint
+exists at every instant. A resumed run continues to the weights of an uninterrupted one (exactly on as many
+processes, within float32 reduction order on another count) as long as the global batch (`tokens_per_step`)
+and every setting that decides the trajectory are unchanged (`RESUMABLE` lists those that may change).
+Collectives wait `timeout_minutes` (default an hour) so rank 0's checkpoint bookkeeping on a slow shared
+filesystem cannot trip them. A step whose loss or gradient norm is not finite is skipped; `max_bad_steps`
+of them in a row stop the run with the last good checkpoint kept.
 
 Output folder: a Hugging Face Gemma 2 directory (config.json, model.safetensors or sharded files,
 tokenizer.model) written after the final evaluation, `checkpoint/`, `metrics.jsonl`, `run_config.json` (the
@@ -19,30 +25,32 @@ resolved settings) and, last of all, `finished.json`: only a folder with it is a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import parallel
-from pipeline.checkpoint import IGNORED_KEYS, INDEX, SINGLE, load_config, save_model, weight_files
+from pipeline.checkpoint import IGNORED_KEYS, INDEX, SINGLE, cache_fingerprint, load_config, save_model, weight_files
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, read_json, write_json
 from pipeline.losses import LossConfig, check_target, chunked_loss, resolve_target, resolve_temperature
 from pipeline.model import Gemma2, Gemma2Config, preset
 from pipeline.parallel import SHARDINGS
+from pipeline.plan import check_training
 from pipeline.progress import progress
 from pipeline.reader import Cursor, ReaderConfig, ShardStream, open_split
 from pipeline.runtime import PRECISIONS, Runtime, autocast, autocast_dtype
@@ -59,6 +67,7 @@ from schemas.tokens import document_ids
 
 FINISHED = "finished.json"  # written last: the final metrics, and the sign that the folder is a finished model
 LATEST = "latest.json"  # checkpoint/latest.json: which checkpoint/step-N/ folder is the complete one
+CHECKPOINT_FORMAT = "dcp-safetensors"  # state.json's `format`: torch.distributed.checkpoint, Hugging Face storage
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ class TrainConfig:
     save_every_minutes: float = setting(30.0, "minutes of training between checkpoints (0: off)")
     log_every: int = setting(10, "steps between metrics.jsonl lines")
     seed: int = setting(0, "initialisation and data-order seed")
-    shuffle_tokens: int = setting(1 << 21, "tokens the reader shuffles together; its memory is about this many tokens "
-                                           "of the cache's columns, whatever SEQ_LEN")
+    shuffle_tokens: int = setting(1 << 21, "tokens the reader shuffles together, in regions of 2 windows from anywhere "
+                                           "in the cache (2^21 at SEQ_LEN 4096: 256 regions); its row-group cache holds "
+                                           "at most this many tokens of the cache's columns, whatever SEQ_LEN")
     sharding: str = setting("ddp", "ddp: a full replica per process; fsdp: parameters, gradients and AdamW states "
                                    "sharded over the processes (for students that do not fit one GPU)", choices=SHARDINGS)
     max_bad_steps: int = setting(3, "stop after this many steps in a row with a non-finite loss or gradient norm "
@@ -98,6 +108,8 @@ class TrainConfig:
                                      "AVX512-BF16/AMX)", choices=PRECISIONS)
     init_from: str = setting("", "start from this HF model folder's weights (same config) instead of a random init")
     select: str = setting("", SELECT_HELP)
+    timeout_minutes: float = setting(60.0, "how long a process waits in a collective (all-reduce, barrier) before the run "
+                                           "fails: it must cover rank 0's checkpoint bookkeeping on a slow filesystem")
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -195,6 +207,24 @@ def unfinished(folder: Path) -> str | None:
     return None
 
 
+def cache_note(folder: Path, data: Path | None = None) -> str | None:
+    """Whether the cache a finished model was trained on is gone or was replaced since (None: it is there as
+    it was, or the model recorded no cache identity)."""
+    try:
+        recorded = json.loads((folder / FINISHED).read_text()).get("cache") or {}
+    except (OSError, ValueError):
+        return None
+    if not recorded.get("fingerprint"):
+        return None
+    data = data or Path(recorded["path"])
+    now = cache_fingerprint(data)
+    if now is None:
+        return f"the cache it was trained on ({data}) is gone"
+    if now != recorded["fingerprint"]:
+        return f"the cache it was trained on ({data}) was replaced since (other settings or data)"
+    return None
+
+
 def _start_fresh(out: Path, config: RunConfig) -> None:
     """A new run in `out`: nothing of an earlier one may be taken for it, or resumed later."""
     (out / FINISHED).unlink(missing_ok=True)  # first: the folder must not look finished for a moment longer
@@ -221,59 +251,67 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folder
 
 
-def _rank_file(rank: int, world: int) -> str:
-    return f"rank-{rank:05d}-of-{world:05d}.safetensors"
+def _state_dict(params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The training state as DCP sees it: every parameter and AdamW state by name (DTensors under FSDP: each
+    rank holds and writes only its shards) and the RNG state."""
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    for name, p in params:
+        tensors[f"param/{name}"] = p.detach()
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"{key}/{name}"] = value
+    return tensors
+
+
+@contextlib.contextmanager
+def _single_process(runtime: Runtime) -> Iterator[None]:
+    """DCP warns that one process without a process group is one process; that is meant here."""
+    with warnings.catch_warnings():
+        if runtime.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def save_state(folder: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-               runtime: Runtime, sharded: bool) -> None:
-    """This rank's part of the weights and AdamW states into `folder`: its shards under FSDP, everything on
-    rank 0 otherwise (the replicas are equal)."""
-    if not (sharded or runtime.is_main):
-        return
-    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
-    for name, p in params:
-        tensors[f"param/{name}"] = parallel.local(p.detach())
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"{key}/{name}"] = parallel.local(value)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-              folder / _rank_file(runtime.rank if sharded else 0, runtime.world if sharded else 1))
+               runtime: Runtime) -> None:
+    """The weights, AdamW states and RNG into `folder` with torch.distributed.checkpoint, as safetensors
+    files (its Hugging Face storage: the layout rides in each file's JSON header, nothing is pickled). Under
+    FSDP every rank writes its own shards; under DDP the replicated tensors are spread over the ranks, each
+    written once. Every rank must call it."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    with _single_process(runtime):
+        save(_state_dict(params, optimizer), storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
+             no_dist=runtime.world == 1)
 
 
-def load_state(folder: Path, state: dict[str, Any], params: list[tuple[str, nn.Parameter]],
-               optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
-    """Restores what `save_state` wrote: the same shards into the same ranks under FSDP."""
-    sharded = state["sharding"] == "fsdp" and state["world"] > 1
-    path = folder / _rank_file(runtime.rank if sharded else 0, runtime.world if sharded else 1)
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing; the checkpoint is incomplete, rerun with --no-resume")
-    tensors = load_file(path)
-    torch.set_rng_state(tensors.pop("rng/torch"))
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        kind, name = key.split("/", 1)
-        by_param.setdefault(name, {})[kind] = value
-    with torch.no_grad():
-        for name, p in params:
-            saved = by_param.pop(name, {})
-            _copy_local(p, saved.pop("param", None), path, name)
-            if saved:
-                # AdamW's own layout: `step` a float32 scalar on the CPU, the moments shaped like the parameter.
-                optimizer.state[p] = {k: v if k == "step" else _copy_local(torch.zeros_like(p), v, path, name)
-                                      for k, v in saved.items()}
-    if by_param:
-        raise PipelineError(f"{path}: holds tensors this model does not have ({sorted(by_param)[:3]}); the checkpoint "
-                            "is of another model, rerun with --no-resume")
+def load_state(folder: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+               runtime: Runtime) -> None:
+    """Restores what `save_state` wrote, whatever number of processes and sharding wrote it: DCP reads into
+    each rank's own tensors (its shards under FSDP, the replica under DDP) only the slices they hold, straight
+    from the files, so no rank ever holds the whole saved state beside its own."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 
-
-def _copy_local(target: torch.Tensor, value: torch.Tensor | None, path: Path, name: str) -> torch.Tensor:
-    shard = parallel.local(target)
-    if value is None or value.shape != shard.shape:
-        got = "nothing" if value is None else f"shape {tuple(value.shape)}"
-        raise PipelineError(f"{path}: {name} holds {got}, this rank's part is {tuple(shard.shape)}; the checkpoint "
-                            "does not fit this model and sharding, rerun with --no-resume")
-    shard.copy_(value)
-    return target
+    try:
+        saved = set(HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PipelineError(f"{folder}: cannot read the checkpoint ({e}); rerun with --no-resume") from None
+    kinds = sorted({key.split("/", 1)[0] for key in saved} - {"param", "rng"})
+    for _, p in params:  # AdamW's own layout: `step` a float32 scalar on the CPU, the moments shaped like p
+        if kinds:
+            optimizer.state[p] = {k: torch.zeros((), dtype=torch.float32) if k == "step" else torch.zeros_like(p)
+                                  for k in kinds}
+    state = _state_dict(params, optimizer)
+    if set(state) != saved:
+        odd = sorted(set(state) ^ saved)
+        raise PipelineError(f"{folder}: holds other tensors than this model's ({odd[:3]}); the checkpoint is of "
+                            "another model, rerun with --no-resume")
+    try:
+        with torch.no_grad(), _single_process(runtime):
+            load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=runtime.world == 1)
+    except (AssertionError, RuntimeError, ValueError) as e:  # DCP reports shape mismatches as these
+        raise PipelineError(f"{folder}: does not fit this model ({str(e).splitlines()[0][:200]}); the checkpoint is "
+                            "of another model, rerun with --no-resume") from None
+    torch.set_rng_state(state["rng/torch"])
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -391,19 +429,34 @@ def _train_settings(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "select" or v}
 
 
+# Settings a resumed run may change: they decide how the same global steps are computed, evaluated, saved
+# and logged, not which steps those are (the global batch, `tokens_per_step`, must stay the same).
+RESUMABLE = frozenset({"batch_size", "grad_accum", "batch_tokens", "eval_every", "eval_windows", "save_every",
+                       "save_every_tokens", "save_every_minutes", "log_every", "max_bad_steps",
+                       "gradient_checkpointing", "sharding", "timeout_minutes"})
+
+
+def trajectory(config: RunConfig) -> RunConfig:
+    """The settings that decide the weights a run ends with: what a resume must find unchanged."""
+    train = {k: v for k, v in config.train.items() if k not in RESUMABLE}
+    return dataclasses.replace(config, train=train, world_size=0)
+
+
 def check_same_run(out: Path, config: RunConfig) -> None:
-    """Resuming needs the settings the folder's run was started with, on as many processes."""
+    """Resuming needs the settings that decide the run's trajectory; the number of processes, the split of
+    the global batch into micro-batches, the sharding and the eval/save/log cadence may change."""
     saved = read_run_config(out)
-    if saved.world_size != config.world_size:
+    if saved.tokens_per_step != config.tokens_per_step:
         raise PipelineError(
-            f"{out}: the run there was started on {saved.world_size} processes, this one has {config.world_size}; "
-            f"resume it on {saved.world_size} (an FSDP checkpoint holds one shard per process, and the global batch "
-            "and data order depend on the count), or start over with --no-resume"
+            f"{out}: the run there takes {saved.tokens_per_step} tokens a step, this one {config.tokens_per_step} "
+            f"({config.world_size} processes); keep the global batch: set --batch-tokens {saved.tokens_per_step}, "
+            "or start over with --no-resume"
         )
-    changed = config.changed(saved)
+    changed = trajectory(config).changed(trajectory(saved))
     if changed:
         raise PipelineError(f"{out}: a run with other settings ({', '.join(changed)}) is there; "
-                            "use another --out or --no-resume to start over")
+                            "train it under another name (STUDENTS=newname=spec) or in another STUDENT_DIR "
+                            "(--students), or pass --no-resume to start over")
 
 
 def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, out: Path, loss: LossConfig,
@@ -417,6 +470,11 @@ def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, o
     if folder is not None:
         check_same_run(out, config)
         state = read_json(folder / "state.json", "the checkpoint's state")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise PipelineError(f"{folder}: a checkpoint in an older layout (one file per rank), which this version "
+                                "does not read; finish the run with the version that wrote it, or rerun with --no-resume")
+        if runtime.is_main:
+            write_run_config(out, config)  # this session's processes and cadence; the trajectory is the same
     elif runtime.is_main:
         _start_fresh(out, config)
     runtime.barrier()
@@ -444,7 +502,7 @@ def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, o
     cursor = Cursor()
     if state is not None:
         assert folder is not None
-        load_state(folder, state, params, optimizer, runtime)
+        load_state(folder, params, optimizer, runtime)
         cursor = Cursor(**state["cursor"])
         if runtime.is_main:
             _trim_metrics(out / "metrics.jsonl", state["step"])
@@ -461,28 +519,38 @@ def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, o
 def train_step(run: Run) -> tuple[float, float, bool]:
     """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm, whether both are finite).
     The loss is the mean over every trained position of the global step (all ranks, all micro-batches), so
-    N processes and gradient accumulation give what one large batch gives even when masks differ. A step
-    with a non-finite loss or gradient norm is skipped: no update, its gradients dropped."""
+    N processes and gradient accumulation give what one large batch gives even when masks differ. Each
+    micro-batch is taken from the reader when its turn comes and back-propagated as a sum; the count of
+    trained positions is all-reduced at the end and the gradients scaled by it before the norm and the
+    clipping: the same gradient as dividing each micro-batch by the global count up front, without holding
+    the step's micro-batches (so the reader's prefetch keeps reading while they train). A step with a
+    non-finite loss or gradient norm is skipped: no update, its gradients dropped."""
     runtime = run.runtime
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, run.config.total_steps, run.optim)
-    # The step's batches stay in host memory (numpy) until their micro-step: only the denominator needs all.
-    batches = [run.stream.next_batch() for _ in range(run.grad_accum)]
-    trained = sum(int(b["label_mask"].sum()) for b in batches)
-    positions = parallel.all_reduce_sum(torch.tensor(float(trained), device=runtime.device), runtime)
-    # DDP and FSDP average gradients over ranks: each rank's sum is scaled by world / positions.
-    denominator = positions.clamp(min=1.0) / runtime.world
+    unit = torch.ones((), device=runtime.device)  # each micro-batch's loss is its sum over trained positions
     running = torch.zeros((), device=runtime.device)
-    for micro, arrays in enumerate(batches):
+    trained = 0
+    for micro in range(run.grad_accum):
+        arrays = run.stream.next_batch()
+        trained += int(arrays["label_mask"].sum())
         batch = to_torch(arrays, runtime.device)
+        del arrays
         with parallel.gradient_sync(run.wrapped, micro == run.grad_accum - 1):
             with autocast(run.dtype, runtime.device):
-                value = run.wrapped(batch, denominator)
+                value = run.wrapped(batch, unit)
             value.backward()
         running += value.detach()
+        del batch, value
+    # One all-reduce for the step's summed loss and its trained positions over every rank.
+    totals = parallel.all_reduce_sum(torch.stack([running, torch.tensor(float(trained), device=runtime.device)]),
+                                     runtime)
+    positions = totals[1].clamp(min=1.0)
     trainable = [p for _, p in run.params]
+    # DDP and FSDP average gradients over ranks: world / positions turns each rank's sums into the global mean.
+    parallel.scale_grads_(trainable, runtime.world / positions)
     norm = parallel.grad_norm(trainable)
-    loss = parallel.all_reduce_sum(running, runtime) / runtime.world
+    loss = totals[0] / positions
     finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(norm).item())
     if finite:
         if run.optim.clip > 0:
@@ -519,12 +587,12 @@ def save_checkpoint(run: Run) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    save_state(tmp, run.params, run.optimizer, runtime, run.sharded)
+    save_state(tmp, run.params, run.optimizer, runtime)
     runtime.barrier()
     if runtime.is_main:
         state = {"step": run.step, "cursor": dataclasses.asdict(run.stream.cursor), "wall_s": run.wall,
                  "tokens": run.step * run.tokens_per_step, "bad_steps": run.bad, "world": runtime.world,
-                 "sharding": run.cfg.sharding}
+                 "sharding": run.cfg.sharding, "format": CHECKPOINT_FORMAT}
         write_json(tmp / "state.json", state)
         shutil.rmtree(root / name, ignore_errors=True)
         tmp.rename(root / name)
@@ -621,13 +689,17 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
     select = resolve_selection(Selection.parse(cfg.select), meta, train_manifest.stats, data / "train")
     tok_path = find_tokenizer(data, tokenizer, meta.tokenizer_fingerprint)
     model_cfg = resolve_student(student, meta.vocab_size)
-    runtime = Runtime.from_env()
+    runtime = Runtime.from_env(60 * cfg.timeout_minutes)
     config = run_config(name, student, data, loss, optim, cfg, train_manifest, model_cfg, runtime.world)
     if resume and (out / FINISHED).is_file():
         check_same_run(out, config)
         if runtime.is_main:
             print(f"{name}: already complete ({out}); nothing to do")
+            note = cache_note(out, data)
+            if note:
+                print(f"{name}: {note}; --no-resume retrains it on the cache there now", file=sys.stderr)
         return read_json(out / FINISHED, "the finished run's metrics")["final"]
+    check_training(model_cfg, loss, cfg, meta, runtime.device, runtime.world)  # on a GPU: refuses what cannot fit
     run = prepare(name, config, model_cfg, data, out, loss, optim, cfg, tok_path, runtime, resume, select)
     if select is not None and run.step == 0:
         log(run, {"step": 0, "selection": select.summary()})
@@ -639,7 +711,8 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
         log(run, {"step": run.step, "eval": "final", **final})
         export(run)
         if runtime.is_main:
-            write_json(out / FINISHED, {"final": final, "step": run.step})
+            write_json(out / FINISHED, {"final": final, "step": run.step,
+                                        "cache": {"path": str(data), "fingerprint": cache_fingerprint(data)}})
         runtime.barrier()
     finally:
         run.stream.close()

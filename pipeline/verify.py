@@ -1,9 +1,19 @@
 """`make verify`: is a logit cache sound? Every problem is one line naming the file (and window).
 
-1. Files against their manifest: each listed shard present, its size and sha256 as recorded, its schema and
-   metadata those of the cache, its row and token counts; window ids unique within a split; the train and
-   val splits from one cache (`check_same_cache`, which stage two also calls); the cache's tokenizer.
-2. Value invariants, vectorised over each row group, on the decoded values (whatever the encoding): top-K
+At scale the checks come in two depths. Every shard gets the footer-level checks (a stat and its Parquet
+footer: no data read); the sha256 and the value invariants read the whole shard, so by default they run on a
+seeded random sample of shards (`sample`: a count, or a fraction), on every shard with `full`, and always on
+a shard whose size or mtime moved since the capture record its writer left (schemas/manifest.py): a shard
+changed after capture is named whether or not the sample drew it (a change that keeps both the size and the
+nanosecond mtime is found only by the sample or `full`). Under several ranks (`LAUNCH`) the shards are
+split across them; each rank writes its findings to `.verify/rank-N.json` and rank 0 reports for all.
+
+1. Files against their manifest: each listed shard present, its size as recorded, its schema and metadata
+   those of the cache, its row and token counts, its footer's trained-position count summing to the
+   manifest's, its capture record's sha256 the manifest's; then (sampled) its sha256, window ids unique
+   among the checked shards of a split; the train and val splits from one cache (`check_same_cache`, which
+   stage two also calls); the cache's tokenizer.
+2. Value invariants (sampled), vectorised over each row group, on the decoded values (whatever the encoding): top-K
    log-probs finite and ≤ 0, and in the stored order (ids ascending, or log-probs descending for
    probability-ordered caches); tail mass in [0, 1]; Σ exp(top-K) + tail = 1 within the log-probs' rounding;
    ids inside the vocabulary and unique per position; tail draws outside the top K, unique and ascending,
@@ -30,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +51,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.capture import DTYPES, HASH_CACHE, STATS_KEY
+from pipeline.capture import DTYPES, STATS_KEY, assign_by_tokens, run_id, teacher_hashes
 from pipeline.checkpoint import load_model, model_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.fsutil import cached_sha256, read_json, sha256_file
+from pipeline.fsutil import list_names, read_json, sha256_file, write_json
 from pipeline.layout import SPLITS
-from pipeline.runtime import teacher_dtype
+from pipeline.runtime import Runtime, teacher_dtype
 from pipeline.settings import setting
 from pipeline.topk import NonFiniteLogits, TopKConfig, teacher_targets
 from schemas.logits import (
@@ -59,7 +71,7 @@ from schemas.logits import (
     stored_logprobs,
     validate_logits_shard,
 )
-from schemas.manifest import MANIFEST, Manifest
+from schemas.manifest import MANIFEST, RECORDS, Manifest, read_record, record_key, record_name
 from schemas.tokens import TokensMeta
 
 WINDOW_COLUMNS = ("window", "input_ids", "label_mask")
@@ -80,22 +92,76 @@ class VerifyConfig:
                                      "beyond float16 rounding")
     dtype: str = setting("auto", "the re-run teacher's dtype (auto: the one the cache recorded)",
                          choices=("auto", "float32", "bfloat16", "float16"))
+    sample: str = setting("32", "shards whose sha256 and value invariants are checked (every shard's footer is): a "
+                                "count, or a fraction of the shards such as 0.01; a random choice seeded by --seed")
+    full: int = setting(0, "1: check the sha256 and value invariants of every shard (--sample ignored)",
+                        choices=(0, 1))
+    poll_s: float = 1.0  # how often rank 0 looks for the other ranks' findings
+
+    def __post_init__(self) -> None:
+        sample_size(self.sample, 1)  # refuses a malformed --sample before any work
+
+
+def sample_size(spec: str, shards: int) -> int:
+    """How many of `shards` a --sample of `spec` checks: a count ("64"), or a fraction ("0.01", at least one)."""
+    try:
+        value = float(spec)
+    except ValueError:
+        value = -1.0
+    fraction = any(c in str(spec) for c in ".eE")
+    if not math.isfinite(value) or value < 0 or (fraction and value > 1) or (not fraction and not value.is_integer()):
+        raise PipelineError(f"--sample {spec!r} (VERIFY_SAMPLE): a count of shards such as 64, or a fraction of them "
+                            "in (0, 1] such as 0.01")
+    if fraction:
+        return min(shards, max(1, math.ceil(value * shards))) if value > 0 else 0
+    return min(shards, int(value))
+
+
+def pick_shards(count: int, spec: str, seed: int) -> set[int]:
+    """The indices (of `count` shards, in manifest order over the splits) whose data is checked: a seeded
+    uniform choice, the same on every rank."""
+    n = sample_size(spec, count)
+    return set(np.random.default_rng(seed).choice(count, size=n, replace=False).tolist()) if n else set()
 
 
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
-    shards: int = 0
-    rows: int = 0
-    positions: int = 0
+    shards: int = 0  # shards whose sha256 and values were checked
+    rows: int = 0  # their windows
+    positions: int = 0  # their trained positions
     rechecked: int = 0
     max_diff: float = 0.0
+    footers: int = 0  # shards whose footer was checked (all of them)
+    windows: dict[str, list[np.ndarray]] = field(default_factory=dict)  # split → window ids of the checked shards
+    footer_positions: dict[str, int] = field(default_factory=dict)  # split → trained positions the footers count
+    footer_shards: dict[str, int] = field(default_factory=dict)  # split → shards whose footer counted them
 
     def summary(self, cache: Path) -> str:
         rerun = (f"; the teacher re-ran {self.rechecked} window(s): largest |Δ log-prob| {self.max_diff:.3g} nats"
                  if self.rechecked else "")
-        return (f"{cache}: sound — {self.shards} shards, {self.rows:,} windows, {self.positions:,} trained positions "
-                f"match their manifests and the cache's invariants{rerun}")
+        return (f"{cache}: sound — {self.footers} shards match their manifests (size, schema, metadata, rows); "
+                f"{self.shards} of them ({self.rows:,} windows, {self.positions:,} trained positions) also their "
+                f"sha256 and the cache's invariants{rerun}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"problems": self.problems, "shards": self.shards, "rows": self.rows, "positions": self.positions,
+                "footers": self.footers, "footer_positions": self.footer_positions,
+                "footer_shards": self.footer_shards,
+                "windows": {s: np.concatenate(w).tolist() if w else [] for s, w in self.windows.items()}}
+
+    def merge(self, raw: dict[str, Any]) -> None:
+        self.problems += raw["problems"]
+        self.shards += raw["shards"]
+        self.rows += raw["rows"]
+        self.positions += raw["positions"]
+        self.footers += raw["footers"]
+        for name in ("footer_positions", "footer_shards"):
+            mine = getattr(self, name)
+            for split, n in raw[name].items():
+                mine[split] = mine.get(split, 0) + n
+        for split, ids in raw["windows"].items():
+            self.windows.setdefault(split, []).append(np.asarray(ids, dtype=np.int64))
 
 
 # --- splits from one cache ------------------------------------------------------------------------------
@@ -127,14 +193,31 @@ def _short(value: Any) -> str:
 
 
 def verify_cache(cache: Path, cfg: VerifyConfig, teacher: Path | None = None,
-                 device: torch.device | None = None) -> Report:
+                 device: torch.device | None = None, runtime: Runtime = Runtime(), run: str | None = None) -> Report:
+    """The checks above; under several ranks every rank calls this, and rank 0's report holds everyone's.
+    `run`: an id the ranks share (default: broadcast from rank 0)."""
+    run = run or (run_id(runtime) if runtime.world > 1 else "")  # first, while every rank is at the same point
     report = Report()
     manifests = {}
     for split in SPLITS:
         manifest = _read_split_manifest(cache / split, report)
         if manifest is not None:
             manifests[split] = manifest
-            check_split(cache / split, manifest, report)
+    shards = [(split, record) for split, m in manifests.items() for record in m.shards]
+    picked = set(range(len(shards))) if cfg.full else pick_shards(len(shards), cfg.sample, cfg.seed)
+    owners = assign_by_tokens([r.bytes for _, r in shards], runtime.world)
+    listed = {split: list_names(cache / RECORDS / split) for split in manifests}
+    for i, (split, record) in enumerate(shards):
+        if owners[i] == runtime.rank:
+            check_shard(cache / split / record.file, record, manifests[split].meta, report, i in picked,
+                        listed[split])
+    if not runtime.is_main:
+        write_json(_findings(cache, runtime.rank), {"run": run, **report.to_json()})
+        return report
+    for rank in range(1, runtime.world):
+        report.merge(_await_findings(cache, rank, run, cfg.poll_s))
+    for split, manifest in manifests.items():
+        check_split(cache / split, manifest, report)
     if len(manifests) == len(SPLITS):
         try:
             check_same_cache(manifests["train"].meta, manifests["val"].meta, cache)
@@ -143,8 +226,24 @@ def verify_cache(cache: Path, cfg: VerifyConfig, teacher: Path | None = None,
     if manifests:
         _check_tokenizer(cache, next(iter(manifests.values())).meta, report)
     if cfg.windows > 0 and manifests:
-        recheck(manifests, cache, cfg, teacher, device or _device(), report)
+        recheck(manifests, cache, cfg, teacher, device or (runtime.device if runtime.world > 1 else _device()), report)
     return report
+
+
+def _findings(cache: Path, rank: int) -> Path:
+    return cache / ".verify" / f"rank-{rank}.json"
+
+
+def _await_findings(cache: Path, rank: int, run: str, poll_s: float) -> dict[str, Any]:
+    """Rank 0: rank `rank`'s findings of this run (polled for: no collective that can time out)."""
+    while True:
+        try:
+            raw = json.loads(_findings(cache, rank).read_text())
+        except (OSError, ValueError):
+            raw = None  # absent or being written
+        if isinstance(raw, dict) and raw.get("run") == run:
+            return raw
+        time.sleep(poll_s)
 
 
 def _read_split_manifest(folder: Path, report: Report) -> Manifest | None:
@@ -174,18 +273,18 @@ def _check_tokenizer(cache: Path, meta: LogitsMeta, report: Report) -> None:
 
 
 def check_split(folder: Path, manifest: Manifest, report: Report) -> None:
-    """Every shard of one split against the manifest and the invariants; totals and window ids."""
-    windows, positions = [], 0
-    for record in manifest.shards:
-        found = check_shard(folder / record.file, record, manifest.meta, report)
-        if found is not None:
-            windows.append(found[0])
-            positions += found[1]
+    """One split's totals: rows and tokens against its shards, trained positions against the footers (when
+    every footer was read), window ids unique among the checked shards."""
+    split = folder.name
     if manifest.rows != sum(r.rows for r in manifest.shards) or manifest.tokens != sum(r.tokens for r in manifest.shards):
         report.problems.append(f"{folder / MANIFEST}: rows/tokens totals differ from the sum over its shards")
     expected = getattr(manifest.stats, "positions", None)
-    if expected is not None and len(windows) == len(manifest.shards) and expected != positions:
-        report.problems.append(f"{folder / MANIFEST}: {expected} trained positions recorded, the shards hold {positions}")
+    counted = report.footer_positions.get(split)
+    every = report.footer_shards.get(split) == len(manifest.shards)
+    if expected is not None and every and expected != counted:
+        report.problems.append(f"{folder / MANIFEST}: {expected} trained positions recorded, the shards' footers count "
+                               f"{counted}")
+    windows = report.windows.get(split)
     if windows:
         ids = np.concatenate(windows)
         unique, counts = np.unique(ids, return_counts=True)
@@ -194,25 +293,27 @@ def check_split(folder: Path, manifest: Manifest, report: Report) -> None:
                                    f"(first: window {int(unique[counts > 1][0])}); the split mixes two caches")
 
 
-def check_shard(path: Path, record: Any, meta: LogitsMeta, report: Report) -> tuple[np.ndarray, int] | None:
-    """One shard: manifest record, metadata, then values. Returns its window ids and trained positions."""
+def check_shard(path: Path, record: Any, meta: LogitsMeta, report: Report, deep: bool = True,
+                records: set[str] | None = None) -> tuple[np.ndarray, int] | None:
+    """One shard: the footer-level checks (a stat and the footer: size, schema, metadata, rows, the footer's
+    position count, the capture record), then with `deep`, or when the shard moved since its capture record,
+    its sha256 and values. Returns its window ids and trained positions when its values were checked."""
     problems = report.problems
     if not path.is_file():
         problems.append(f"{path}: listed in the manifest but missing; rerun `make teacher-logits`")
         return None
-    size = path.stat().st_size
-    if size != record.bytes:
-        problems.append(f"{path}: {size} bytes, the manifest says {record.bytes}; the file changed after it was "
+    stat = path.stat()
+    if stat.st_size != record.bytes:
+        problems.append(f"{path}: {stat.st_size} bytes, the manifest says {record.bytes}; the file changed after it was "
                         "written: delete it and rerun `make teacher-logits`")
-        return None
-    if sha256_file(path) != record.sha256:
-        problems.append(f"{path}: sha256 differs from the manifest's; the file changed after it was written: delete "
-                        "it and rerun `make teacher-logits`")
         return None
     try:
         shard_meta = validate_logits_shard(path)
-    except PipelineError as e:
-        problems.append(str(e))
+        footer = pq.read_metadata(path)
+    except (PipelineError, OSError, pa.ArrowException) as e:
+        problems.append(str(e) if isinstance(e, PipelineError) else
+                        f"{path}: cannot read its footer ({' '.join(str(e).split())}); delete it and rerun "
+                        "`make teacher-logits`")
         return None
     if shard_meta.shared() != meta:
         a, b = dataclasses.asdict(shard_meta.shared()), dataclasses.asdict(meta)
@@ -221,15 +322,35 @@ def check_shard(path: Path, record: Any, meta: LogitsMeta, report: Report) -> tu
         return None
     if shard_meta.source_shard != record.file:
         problems.append(f"{path}: made from {shard_meta.source_shard}, not from the token shard of its name")
-    rows = pq.read_metadata(path).num_rows
+    rows = footer.num_rows
     if rows != record.rows or record.tokens != record.rows * meta.seq_len:
         problems.append(f"{path}: {rows} rows, the manifest says {record.rows} rows / {record.tokens} tokens")
+        return None
+    report.footers += 1
+    stats = (footer.metadata or {}).get(STATS_KEY)
+    split = path.parent.name
+    if stats is not None:
+        report.footer_positions[split] = report.footer_positions.get(split, 0) + int(json.loads(stats)["positions"])
+        report.footer_shards[split] = report.footer_shards.get(split, 0) + 1
+    name = record_name(record.file, record_key(shard_meta))
+    if records and name in records:
+        captured = read_record(path.parent.parent / RECORDS / split / name)
+        if captured.sha256 != record.sha256:
+            problems.append(f"{path}: the manifest's sha256 is not the one its writer recorded "
+                            f"({RECORDS}/{split}/{name}); the manifest vouches for bytes the capture did not write")
+        deep = deep or (stat.st_size, stat.st_mtime_ns) != (captured.bytes, captured.mtime_ns)
+    if not deep:
+        return None
+    if sha256_file(path) != record.sha256:
+        problems.append(f"{path}: sha256 differs from the manifest's; the file changed after it was written: delete "
+                        "it and rerun `make teacher-logits`")
         return None
     found = check_values(path, shard_meta, report)
     if found is not None:
         report.shards += 1
         report.rows += rows
         report.positions += found[1]
+        report.windows.setdefault(split, []).append(found[0])
     return found
 
 
@@ -396,7 +517,7 @@ def recheck(manifests: dict[str, Manifest], cache: Path, cfg: VerifyConfig, teac
         raise PipelineError(f"{teacher}: --windows {cfg.windows} re-runs the teacher, and this is not a Hugging Face "
                             "Gemma 2 directory; pass --teacher (the one the cache was made with)")
     meta = next(iter(manifests.values())).meta
-    fingerprint = model_fingerprint(teacher, file_hash=cached_sha256(cache / HASH_CACHE))
+    fingerprint = model_fingerprint(teacher, file_hash=teacher_hashes(teacher, cache))
     if fingerprint != meta.teacher_fingerprint:
         report.problems.append(f"{teacher}: teacher fingerprint {fingerprint[:16]}…, the cache was made by "
                                f"{meta.teacher_fingerprint[:16]}…; another teacher (or changed weights)")

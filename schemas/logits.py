@@ -85,6 +85,9 @@ class Encoding:
     logprob_coding: str = "float16"
     logprob_step: float | None = None  # q8: nats per code
     signals: bool = False  # `label_logprob` and `entropy` columns
+    # float16 columns written with Parquet's BYTE_STREAM_SPLIT (older caches did): smaller, but DuckDB cannot
+    # read them (it splits FLOAT/DOUBLE/INT32/INT64 only), so caches from here on leave it off unless asked.
+    float16_split: bool = True
 
     def __post_init__(self) -> None:
         if self.id_coding not in ID_CODINGS:
@@ -102,7 +105,8 @@ class Encoding:
     def of(cls, meta: Any) -> Encoding:
         """A cache's encoding from its metadata (token shards and older caches: the defaults)."""
         return cls(getattr(meta, "id_coding", "probability"), getattr(meta, "logprob_coding", "float16"),
-                   getattr(meta, "logprob_step", None), getattr(meta, "signals", False))
+                   getattr(meta, "logprob_step", None), getattr(meta, "signals", False),
+                   getattr(meta, "float16_split", True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +131,7 @@ class LogitsMeta:
     logprob_coding: str = "float16"
     logprob_step: float | None = None
     signals: bool = False
+    float16_split: bool = True  # float16 columns byte-stream-split (older caches); False: DuckDB reads them
     sampling: str = "iid"  # how the draws were made (pipeline/topk.py): iid or stratified
 
     @property
@@ -181,10 +186,19 @@ def logits_schema(seq_len: int, topk: int, samples: int, chat: bool = False, ver
     return pa.schema(fields)
 
 
+GROUP_TOKENS = 8192  # a logit row group holds at most this many tokens of windows (and at least one window)
+
+
 def row_bytes(seq_len: int, topk: int, samples: int) -> int:
-    """A row's uncompressed size as stage one sizes its row groups: per position K ids and log-probs (6
-    bytes each), the tail mass and the two signals (8), the draws (6 each); the window's ids."""
-    return seq_len * (topk * 6 + 8 + samples * 6) + (seq_len + 1) * 4
+    """A row as stage one counts it when it sizes its row groups (`pipeline.shards.rows_per_group`: 64 MB over
+    this): its uncompressed size — per position K ids and log-probs (6 bytes each), the tail mass and the two
+    signals (8), the draws (6 each); the window's ids — or, when more, 64 MB over `GROUP_TOKENS // seq_len`,
+    so that a row group holds at most that many windows (2 at SEQ_LEN 4096): the reader's shuffle unit is 2
+    windows, and a rank then reads about the windows it trains on, not a 64 MB group for each of them."""
+    from pipeline.shards import ROW_GROUP_BYTES
+
+    size = seq_len * (topk * 6 + 8 + samples * 6) + (seq_len + 1) * 4
+    return max(size, -(-ROW_GROUP_BYTES // max(1, GROUP_TOKENS // seq_len)))
 
 
 def schema_of(meta: LogitsMeta) -> pa.Schema:
@@ -196,15 +210,19 @@ def schema_of(meta: LogitsMeta) -> pa.Schema:
 SPLITTABLE = (pa.float16(), pa.float32(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16())
 
 
-def write_options(schema: pa.Schema, level: int = 3) -> dict[str, Any]:
+def write_options(schema: pa.Schema, level: int = 3, float16_split: bool = False) -> dict[str, Any]:
     """Parquet options of a logit shard (benchmarks/storage.py measures each choice): zstd, no dictionary,
     byte-stream-split for every number column, ids and counts included (their high bytes are mostly zero and
     compress apart: −30% on ids at a 256k vocabulary), delta ids left to zstd (Parquet's DELTA_BINARY_PACKED
-    came out larger). Options name leaf columns by their full path (`topk_ids.list.element.list.element`):
-    pyarrow silently ignores a top-level name for a nested column."""
+    came out larger). float16 columns (stored as FIXED_LEN_BYTE_ARRAY) only with `float16_split`: DuckDB
+    refuses byte-stream-split on them ("only supported for FLOAT, DOUBLE, INT32 or INT64"), so a default cache
+    stays readable by pyarrow, datasets, polars and DuckDB alike (the saving it gives up: README, Storage).
+    Options name leaf columns by their full path (`topk_ids.list.element.list.element`): pyarrow silently
+    ignores a top-level name for a nested column."""
     from pipeline.shards import parquet_options
 
-    split = [leaf_path(f) for f in schema if _leaf(f.type) in SPLITTABLE]
+    split = [leaf_path(f) for f in schema if _leaf(f.type) in SPLITTABLE
+             and (float16_split or _leaf(f.type) != pa.float16())]
     return {**parquet_options(schema, level), "use_byte_stream_split": split or False}
 
 

@@ -1,9 +1,17 @@
 """`manifest.json`, one per split folder, version 1: lists the complete shards (file, rows, tokens, bytes,
 sha256), the settings every shard shares (`meta`) and statistics. It is written last, so its presence
-means the split is complete; readers trust only the shards it lists."""
+means the split is complete; readers trust only the shards it lists.
+
+Capture records (`.capture/<split>/<file>.<key>.json` in a logit cache): what the rank that wrote a shard
+saw right after its rename — sha256 (taken while writing), bytes, mtime, rows, target bytes and the footer's
+statistics; `key` is a digest of the metadata the shard was made for, so a folder listing alone tells which
+shards are complete for a run's settings. Manifests are assembled from these records, never by re-reading
+shards, so a manifest vouches only for bytes the writer wrote."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,7 @@ from schemas.tokens import TokensMeta
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
+RECORDS = ".capture"  # in a logit cache: one capture record per shard, <split>/<file>.<key>.json
 HINTS = {"tokens": "run `make tokens` first", "logits": "run `make teacher-logits` first"}
 
 
@@ -89,9 +98,11 @@ def write_manifest(folder: str | Path, meta: TokensMeta | LogitsMeta, shards: li
     return manifest
 
 
-def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: bool = False) -> Manifest:
+def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: bool = False,
+                  check_files: bool = True) -> Manifest:
     """A split's manifest, checked: its kind (one of `kind`), version, and every listed shard's presence and
-    size (and sha256 with verify_sha)."""
+    size (and sha256 with verify_sha; neither with check_files=False: a caller that reads each shard later and
+    fails on a missing one by name need not stat them all first)."""
     folder = Path(folder)
     kinds = (kind,) if isinstance(kind, str) else kind
     hint = " or ".join(HINTS.get(k, k) for k in kinds)
@@ -100,7 +111,7 @@ def read_manifest(folder: str | Path, kind: str | tuple[str, ...], verify_sha: b
         found = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
         raise PipelineError(f"{folder / MANIFEST}: a {found} manifest, expected {'/'.join(kinds)} v{MANIFEST_VERSION}")
     manifest = Manifest.from_json(raw, folder / MANIFEST)
-    for shard in manifest.shards:
+    for shard in manifest.shards if check_files or verify_sha else ():
         path = folder / shard.file
         if not path.is_file():
             raise PipelineError(f"{path}: listed in the manifest but missing; rerun the stage that writes {folder}")
@@ -114,3 +125,44 @@ def shard_record(path: Path, rows: int, tokens_per_row: int, **extra: Any) -> Sh
     """A manifest entry for a complete shard."""
     return ShardRecord(file=path.name, rows=rows, tokens=rows * tokens_per_row, bytes=path.stat().st_size,
                        sha256=sha256_file(path), **extra)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptureRecord:
+    """What the writer of one logit shard recorded right after renaming it into place."""
+
+    file: str
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+    mtime_ns: int
+    target_bytes: int  # compressed bytes of the target columns
+    stats: dict[str, Any]  # the footer's statistics (sums over trained positions, histograms)
+
+    def shard(self) -> ShardRecord:
+        return ShardRecord(file=self.file, rows=self.rows, tokens=self.tokens, bytes=self.bytes, sha256=self.sha256)
+
+
+def record_key(meta: Any) -> str:
+    """16 hex digits of the sha256 of a shard's metadata (canonical JSON): which settings a record is for."""
+    return hashlib.sha256(json.dumps(to_json(meta), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_name(file: str, key: str) -> str:
+    return f"{file}.{key}.json"
+
+
+def record_file(name: str) -> str | None:
+    """The shard a record's name is for (None for a name that is not a record's)."""
+    stem, dot, ext = name.rpartition(".")
+    shard, dot2, key = stem.rpartition(".")
+    return shard if dot and dot2 and ext == "json" and len(key) == 16 and not name.startswith(".") else None
+
+
+def write_record(folder: Path, key: str, record: CaptureRecord) -> None:
+    write_json(folder / record_name(record.file, key), to_json(record))
+
+
+def read_record(path: Path) -> CaptureRecord:
+    return from_json(CaptureRecord, read_json(path, "a capture record"), path)

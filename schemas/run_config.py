@@ -1,5 +1,7 @@
 """`run_config.json` beside every trained model, version 1: the resolved settings it was made with. A resumed
-run must find the same settings (the data is identified by its fingerprints, not by its path)."""
+run must find the same settings that decide its trajectory (the data is identified by its fingerprints, not by
+its path; pipeline/train.py `RESUMABLE` names the settings a resume may change). A resume rewrites the file with
+its own settings."""
 
 from __future__ import annotations
 
@@ -47,9 +49,18 @@ class RunConfig:
         return {**to_json(self), "cache": to_json(self.cache)}
 
     def changed(self, other: RunConfig) -> list[str]:
-        """Settings that differ from `other`, the data path aside."""
+        """Settings that differ from `other`, the data path aside; inside a group of settings by their own
+        name (`train.seed`)."""
         mine, theirs = self.to_json(), other.to_json()
-        return sorted(k for k in mine if k != "data" and mine[k] != theirs.get(k))
+        out = []
+        for k in mine:
+            if k == "data" or mine[k] == theirs.get(k):
+                continue
+            if isinstance(mine[k], dict) and isinstance(theirs.get(k), dict):
+                out += [f"{k}.{n}" for n in sorted(mine[k].keys() | theirs[k].keys()) if mine[k].get(n) != theirs[k].get(n)]
+            else:
+                out.append(k)
+        return sorted(out)
 
 
 def write_run_config(folder: Path, config: RunConfig) -> None:

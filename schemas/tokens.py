@@ -54,6 +54,8 @@ class TokensMeta:
     val_tokens: int | None = None  # the val split's cap (0: none): its first windows covering this many tokens
     unit_bytes: int | None = None  # corpus bytes per work unit: with the input, it fixes the windows
     filters: dict[str, Any] | None = None  # the filters applied (pipeline/filters.py `Filters.describe`); None: none
+    split_by: str | None = None  # "content": a hash of each document's text decides its split; None: older, by path
+    text_docs: str | None = None  # a text file's documents: "paragraph" or "line"; None: the whole file
 
 
 def token_schema(seq_len: int, chat: bool = False) -> pa.Schema:

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 
 STAGES = ("tokenize", "teacher", "teacher_logits", "train_student", "report", "merge", "inspect", "verify", "demo",
-          "generate", "demo_chat")
+          "generate", "demo_chat", "plan")
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -49,7 +49,9 @@ def main(settings: list[str]) -> None:
     for var, places in rows.items():
         if "\0" in var:
             continue
-        print(f"  {var:<{width}}  {'; '.join(places)}  {rows[var + chr(0) + 'help'][0]}")
+        # A variable several stages read sets all of them at once (SEED seeds generate, teacher and training).
+        shared = f"shared by {len(places)} stages, one value for all: " if len(places) > 1 else ""
+        print(f"  {var:<{width}}  {shared}{'; '.join(places)}  {rows[var + chr(0) + 'help'][0]}")
     for var, text in MAKE_ONLY.items():
         print(f"  {var:<{width}}  {text}")
 

@@ -1,6 +1,7 @@
-"""`make teacher-logits`: the teacher over token shards → top-K logit shards + manifests (resumable;
-under `accelerate launch`/torchrun the shards are split across ranks by tokens, and the ranks never wait for
-each other in a collective that can time out). `--cache-preset compact` (`CACHE_PRESET=compact`) sets the
+"""`make teacher-logits`: the teacher over token shards → top-K logit shards + manifests (resumable: a rerun
+captures only the shards without a capture record for its settings, and on a finished cache reads no shard;
+under `accelerate launch`/torchrun rank 0 plans and the shards left are split across ranks by tokens, and the
+ranks never wait for each other in a collective that can time out). `--cache-preset compact` (`CACHE_PRESET=compact`) sets the
 measured compact setting's flags as defaults; flags given explicitly still win."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pipeline.capture import CACHE_PRESETS, TIMEOUT_ENV, CaptureConfig, capture
 from pipeline.errors import PipelineError
+from pipeline.plan import check_capture_run
 from pipeline.runtime import Runtime
 from pipeline.topk import TopKConfig
 from stages._cli import add_settings, build, layout, parse, run, stage_parser
@@ -52,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_preset(argv)
     work = layout(args)
     cfg = build(CaptureConfig, args, topk=build(TopKConfig, args))
-    manifests = capture(args.teacher or work.teacher, args.tokens or work.tokens, args.cache or work.cache, cfg,
-                        Runtime.from_env(timeout_s=collective_timeout()))
+    runtime = Runtime.from_env(timeout_s=collective_timeout())
+    teacher, tokens = args.teacher or work.teacher, args.tokens or work.tokens
+    check_capture_run(teacher, tokens, cfg, runtime.device)  # on a GPU: refuses what cannot fit, before loading
+    manifests = capture(teacher, tokens, args.cache or work.cache, cfg, runtime)
     if manifests:
         print(json.dumps({s: {"windows": m.rows, "bytes_per_token": round(m.stats.bytes_per_token, 4),
                               "target_bytes_per_token": round(m.stats.target_bytes_per_token or 0.0, 4),

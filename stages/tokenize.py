@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, spec = build(TokenizeConfig, args), build(CorpusSpec, args)
     runtime = Runtime.from_env()
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else train_tokenizer(spec, cfg)
-    if runtime.is_main:
-        tokenizer.save(work.tokenizer)
     manifests = build_token_shards(spec, tokenizer, args.tokens or work.tokens, cfg, runtime, build(FilterConfig, args))
+    if runtime.is_main:  # after the shards: a run refused on its input leaves no folder behind
+        tokenizer.save(work.tokenizer)
     if manifests is not None:
         print(json.dumps({s: {"shards": len(m.shards), "windows": m.rows, "tokens": m.tokens,
                               "available_tokens": m.stats.available_tokens,

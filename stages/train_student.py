@@ -24,8 +24,9 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: dict[str, Any] | No
     add_settings(p, TrainConfig, defaults=defaults)
     p.add_argument("--tokenizer", type=Path, help="defaults to the data folder's tokenizer.model")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue a killed run found in the output folder (default; same number of processes); "
-                        "--no-resume deletes it first")
+                   help="continue a killed run found in the output folder (default), on any number of processes "
+                        "at the same global batch (--batch-tokens) and trajectory settings; --no-resume deletes it "
+                        "first")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Inductor's on-disk cache does not key its CPU kernels by ATEN_CPU_CAPABILITY (torch 2.13): a kernel built
+# for AVX2 and loaded under AVX-512, or the reverse, gives wrong numbers (seen: 2.4 instead of 1e-6 in the
+# compiled-flex test). One cache folder per kernel set keeps the suite right whichever set a run forces;
+# set before any compile, in the environment so that spawned ranks inherit it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "torchinductor_gemma_distill"
+                                                     / torch.backends.cpu.get_cpu_capability()))
 
 from pipeline.model import Gemma2Config  # noqa: E402
 from pipeline.tokenizer import Tokenizer  # noqa: E402

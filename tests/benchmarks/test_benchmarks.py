@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import fidelity, reader, storage, student_step, teacher
+from benchmarks import fidelity, reader, restart, storage, student_step, teacher
 from benchmarks import tokenize as tokenize_bench
 from pipeline.capture import CaptureConfig, capture
 from pipeline.topk import TopKConfig
@@ -57,3 +57,10 @@ def test_storage_benchmark_measures_every_setting_at_256k():
 def test_tokenize_benchmark_runs_the_stage(tokenizer):
     (row,) = tokenize_bench.run(tokenizer, big_gb=0, workers=(1,))["stdlib"]
     assert row["tokens"] > 0 and positive(row["stage tok/s"]), row
+
+
+def test_restart_benchmark_builds_a_cache_and_times_the_stage(tokenizer, tmp_path):
+    result = restart.run(tokenizer, shards=40, seq_len=16, windows=2, root=tmp_path)
+    assert result["shards"] == 40 and all(positive(r["seconds"]) for r in result["rows"]), result["rows"]
+    rates = restart.verify_rates(tmp_path, windows=2, seq_len=16, topk=4, samples=2, vocab=512)
+    assert all(positive(rates[k]) for k in ("footer_ms", "sha256_mb_s", "values_positions_s")), rates

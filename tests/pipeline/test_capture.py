@@ -241,7 +241,7 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(work, cache, tmp_path):
 def test_changed_settings_redo_shards(work, cache, tmp_path):
     out = tmp_path / "logits"
     shutil.copytree(cache, out)
-    capture(work / "teacher", work / "tokens", out, CaptureConfig(TopKConfig(topk=4), batch_size=5))
+    capture(work / "teacher", work / "tokens", out, CaptureConfig(TopKConfig(topk=4), batch_size=5, overwrite=True))
     assert read_manifest(out / "train", "logits").meta.topk == 4
 
 
@@ -413,8 +413,8 @@ def test_capture_restart_does_not_rehash_the_teacher(work, cache, tmp_path, monk
     shutil.copytree(cache, out)
     hashed = opened_for_hashing(monkeypatch)
     capture(work / "teacher", work / "tokens", out, CFG)
-    assert "model.safetensors" not in hashed  # the fixture's run remembered the teacher's hash in the cache folder
-    assert len(hashed) == len(list(out.glob("*/*.parquet")))  # the manifests' shards were hashed: we would see it
+    assert "model.safetensors" not in hashed  # the fixture's run remembered the teacher's hash beside the teacher
+    assert hashed == []  # nor is any shard hashed again: the manifests stand on the writers' records
     for split in ("train", "val"):
         assert same_bytes(out / split, cache / split)
 
@@ -424,6 +424,7 @@ def same_bytes(a, b):
 
 
 def test_a_failed_rank_leaves_a_record_that_rank_0_reports(work, cache, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
     from pipeline.capture import failure_record
@@ -431,21 +432,24 @@ def test_a_failed_rank_leaves_a_record_that_rank_0_reports(work, cache, tmp_path
 
     teacher = _nan_teacher(work, tmp_path / "teacher")
     out = tmp_path / "logits"
-    with pytest.raises(PipelineError, match="not finite"):
-        capture(teacher, work / "tokens", out, CFG, Runtime(rank=1, world=2), run="run-a")
+    fast = replace(CFG, poll_s=0.01)
+    # Both ranks of one run at once (rank 1 waits for rank 0's plan): rank 1's teacher gives NaNs, rank 0 finishes
+    # its own shards, then reports rank 1's line instead of waiting.
+    with ThreadPoolExecutor(1) as pool:
+        one = pool.submit(capture, teacher, work / "tokens", out, fast, Runtime(rank=1, world=2), "run-a")
+        with pytest.raises(PipelineError, match=r"^rank 1 failed: .*window \d+, position \d+: the teacher's logits "
+                                                r"are not finite"):
+            capture(work / "teacher", work / "tokens", out, fast, Runtime(rank=0, world=2), run="run-a")
+        with pytest.raises(PipelineError, match="not finite"):
+            one.result()
     record = json.loads(failure_record(out, 1).read_text())
     assert record["run"] == "run-a" and "not finite" in record["error"]
-    # Rank 0 of the same run finishes its own shards, then reports rank 1's line instead of waiting.
-    fast = replace(CFG, poll_s=0.01)
-    with pytest.raises(PipelineError, match=r"^rank 1 failed: .*window \d+, position \d+: the teacher's logits are "
-                                            r"not finite"):
-        capture(work / "teacher", work / "tokens", out, fast, Runtime(rank=0, world=2), run="run-a")
     assert _no_manifest(out)
 
 
-def test_rank_0_ignores_an_older_runs_failure_and_cleans_only_its_own_shards(work, cache, tmp_path):
-    """Rank 1's shards are already complete; a failure record of another run is stale; a stale temporary
-    file of a rank-1 shard is rank 1's to clean, not rank 0's."""
+def test_rank_0_ignores_an_older_runs_failure_and_cleans_every_stale_temporary(work, cache, tmp_path):
+    """Rank 1's shards are already complete; a failure record of another run is stale; rank 0 removes the
+    stale temporary files of every shard before it publishes the plan (no rank writes before that)."""
     from dataclasses import replace
 
     from pipeline.capture import assign_by_tokens, failure_record
@@ -466,7 +470,7 @@ def test_rank_0_ignores_an_older_runs_failure_and_cleans_only_its_own_shards(wor
     manifests = capture(work / "teacher", work / "tokens", out, replace(CFG, poll_s=0.01), Runtime(rank=0, world=2),
                         run="run-b")
     assert manifests is not None and not failure_record(out, 1).exists()
-    assert not stale[0].exists() and stale[1].exists()
+    assert not stale[0].exists() and not stale[1].exists()
     for split in ("train", "val"):
         assert read_manifest(out / split, "logits", verify_sha=True).shards == read_manifest(cache / split, "logits").shards
 
@@ -568,3 +572,156 @@ def test_a_v1_cache_still_verifies_and_trains(cache, tmp_path):
     with pytest.raises(PipelineError, match=r"--select 'windows:loss:\.\.q0\.9' needs the teacher's label log-probs"):
         train("sel", "debug", v1, tmp_path / "sel", LossConfig(), OptimConfig(),
               dataclasses.replace(fast, select="windows:loss:..q0.9"))
+
+
+def _flip_a_byte(path):
+    """The same size, other bytes, a later mtime (as any rewrite gives)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_rerun_on_a_finished_cache_reads_and_stats_no_shard(work, cache, tmp_path, monkeypatch):
+    """A finished cache: the rerun lists folders and changes nothing; no shard is opened, hashed or stat'ed
+    (any of these would raise here), no teacher loaded, every manifest left as it was."""
+    import os
+
+    import pipeline.capture as capture_module
+    import pipeline.fsutil as fsutil
+
+    out = tmp_path / "logits"
+    shutil.copytree(cache, out)
+    before = {p: p.read_bytes() for p in out.glob("*/manifest.json")}
+    shards = {str(p) for p in out.glob("*/*.parquet")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"read shard data: {args[:1]}")
+
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        assert str(path) not in shards, f"stat of {path}"
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "sha256_file", refuse)
+    monkeypatch.setattr(capture_module, "sha256_file", refuse)
+    monkeypatch.setattr(capture_module, "validate_logits_shard", refuse)
+    monkeypatch.setattr(capture_module, "load_model", refuse)
+    monkeypatch.setattr(capture_module.pq, "read_metadata", refuse)
+    monkeypatch.setattr(capture_module.pq, "read_table", refuse)
+    monkeypatch.setattr(os, "stat", stat)
+    manifests = capture(work / "teacher", work / "tokens", out, CFG)
+    monkeypatch.undo()
+    assert manifests is not None and set(manifests) == {"train", "val"}
+    assert {p: p.read_bytes() for p in out.glob("*/manifest.json")} == before
+
+
+def test_a_shard_changed_after_capture_is_captured_again_never_reblessed(work, cache, tmp_path):
+    """A shard whose bytes changed after its writer recorded them: `verify` names it even when its sample
+    does not draw it; a rerun on the finished cache keeps the manifest's (the writer's) sha256; a rerun with
+    work to do captures the shard again, byte-identical to the original."""
+    from pipeline.verify import VerifyConfig, verify_cache
+
+    out = tmp_path / "logits"
+    shutil.copytree(cache, out)
+    name = read_manifest(cache / "train", "logits").shards[1].file
+    victim = out / "train" / name
+    _flip_a_byte(victim)
+    problems = verify_cache(out, VerifyConfig(sample="0")).problems
+    assert problems == [f"{victim}: sha256 differs from the manifest's; the file changed after it was written: delete "
+                        "it and rerun `make teacher-logits`"]
+    capture(work / "teacher", work / "tokens", out, CFG)  # finished: nothing to do, nothing re-blessed
+    assert (out / "train" / "manifest.json").read_bytes() == (cache / "train" / "manifest.json").read_bytes()
+    with pytest.raises(PipelineError, match=f"{victim}: size or sha256 differs"):
+        read_manifest(out / "train", "logits", verify_sha=True)
+    (out / "val" / "manifest.json").unlink()  # work to do: the restart checks every shard against its record
+    capture(work / "teacher", work / "tokens", out, CFG)
+    assert victim.read_bytes() == (cache / "train" / name).read_bytes()
+    for split in ("train", "val"):
+        assert read_manifest(out / split, "logits", verify_sha=True) == read_manifest(cache / split, "logits")
+    assert verify_cache(out, VerifyConfig(full=1)).problems == []
+
+
+def test_a_shard_changed_during_the_run_stops_the_manifest_by_name(work, cache, tmp_path, monkeypatch):
+    """At the end rank 0 checks the shards written in this run against their records: one changed since its
+    writer recorded it stops the stage naming it, no manifest vouches for it, and its record is dropped (the
+    next run captures it again)."""
+    import pipeline.capture as capture_module
+
+    out = tmp_path / "logits"
+    shutil.copytree(cache, out)
+    victim = out / "val" / read_manifest(cache / "val", "logits").shards[0].file
+    victim.unlink()  # one shard to redo; it is damaged right after it is written
+    real = capture_module._run_jobs
+
+    def run_jobs(*args, **kwargs):
+        real(*args, **kwargs)
+        _flip_a_byte(victim)
+
+    monkeypatch.setattr(capture_module, "_run_jobs", run_jobs)
+    with pytest.raises(PipelineError, match=f"^{victim}: changed on disk after it was captured"):
+        capture(work / "teacher", work / "tokens", out, CFG)
+    monkeypatch.undo()
+    assert not (out / "val" / "manifest.json").exists()
+    capture(work / "teacher", work / "tokens", out, CFG)
+    assert victim.read_bytes() == (cache / "val" / victim.name).read_bytes()
+
+
+def test_stale_temporaries_are_found_with_one_listing_per_folder(work, cache, tmp_path, monkeypatch):
+    """Temporary files that killed writers left (shards and records) are removed at the start, found by one
+    listing of each folder: no glob, no listing per shard."""
+    import os
+
+    from schemas.manifest import RECORDS
+
+    out = tmp_path / "logits"
+    shutil.copytree(cache, out)
+    (out / "val" / "manifest.json").unlink()
+    names = [r.file for r in read_manifest(cache / "train", "logits").shards]
+    stale = [out / "train" / f".{names[0]}.tmp-12345", out / "val" / f".{names[0]}.tmp-7",
+             out / RECORDS / "train" / f".{names[1]}.0123456789abcdef.json.tmp-99"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    listed = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.path.relpath(path, out)) or real(path))
+    monkeypatch.setattr(type(out), "glob", lambda *a, **k: pytest.fail("a glob"))
+    capture(work / "teacher", work / "tokens", out, CFG)
+    monkeypatch.undo()
+    assert not any(path.exists() for path in stale)
+    assert sorted(listed) == sorted(["train", "val", f"{RECORDS}/train", f"{RECORDS}/val"]), listed
+
+
+def test_a_restart_plans_only_the_incomplete_shards_and_shares_them_out(work, cache, tmp_path, monkeypatch):
+    """Two shards left, both of which rank 1 held in the first run's plan (a slow rank's backlog): the restart
+    plans those two only, one for each rank, and the cache ends as the uninterrupted one."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    import pipeline.capture as capture_module
+    from pipeline.capture import PLAN, assign_by_tokens
+    from pipeline.runtime import Runtime
+
+    out = tmp_path / "logits"
+    shutil.copytree(cache, out)
+    shards = [(s, r) for s in ("train", "val") for r in read_manifest(work / "tokens" / s, "tokens").shards]
+    owners = assign_by_tokens([r.tokens for _, r in shards], 2)
+    backlog = [out / s / r.file for (s, r), owner in zip(shards, owners) if owner == 1][:2]
+    for path in backlog:
+        path.unlink()
+    ran, real = {}, capture_module._run_jobs
+
+    def run_jobs(teacher, jobs, cfg, runtime, *args):
+        ran[runtime.rank] = [j.target for j in jobs]
+        real(teacher, jobs, cfg, runtime, *args)
+
+    monkeypatch.setattr(capture_module, "_run_jobs", run_jobs)
+    fast = replace(CFG, poll_s=0.01)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(capture, work / "teacher", work / "tokens", out, fast, Runtime(rank=1, world=2), "run-c")
+        capture(work / "teacher", work / "tokens", out, fast, Runtime(rank=0, world=2), run="run-c")
+        other.result()
+    assert len(json.loads((out / PLAN).read_text())["todo"]) == 2
+    assert sorted(ran[0] + ran[1]) == sorted(backlog) and len(ran[0]) == len(ran[1]) == 1
+    for split in ("train", "val"):
+        assert read_manifest(out / split, "logits", verify_sha=True) == read_manifest(cache / split, "logits")

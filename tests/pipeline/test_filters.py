@@ -154,13 +154,14 @@ def planted_corpus(folder):
     return {name: kept for name, (_, kept) in docs.items()}
 
 
-def expected_streams(docs, tokenizer, cfg, units):
-    """Each split's `<bos> doc <eos>` of the kept documents, in order (one unit's worth per `units` group)."""
+def expected_streams(docs, tokenizer, cfg, units, folder):
+    """Each split's `<bos> doc <eos>` of the kept documents, in order (one unit's worth per `units` group); a
+    document's split is a hash of its text as read (before scrubbing)."""
     out = {"train": {}, "val": {}}
     for unit, names in enumerate(units):
         for name in names:
             if docs[name] is not None:
-                split = "val" if is_val(name, cfg.val_fraction) else "train"
+                split = "val" if is_val((folder / name).read_text(), cfg.val_fraction) else "train"
                 out[split].setdefault(unit, []).extend([BOS, *tokenizer.encode(docs[name]), EOS])
     return out
 
@@ -170,7 +171,7 @@ FILTERS = dict(filters="exact,near,pii", min_chars=20, max_chars=700)
 
 def test_every_filter_on_planted_text_documents(tmp_path, tokenizer):
     docs = planted_corpus(tmp_path / "corpus")
-    cfg = TokenizeConfig(seq_len=32, val_fraction=0.2, unit_bytes=1000)
+    cfg = TokenizeConfig(seq_len=32, val_fraction=0.4, unit_bytes=1000)
     flt = FilterConfig(**FILTERS, blocklist=str(tmp_path / "block.txt"))
     manifests = build_token_shards(CorpusSpec(str(tmp_path / "corpus")), tokenizer, tmp_path / "t", cfg, filters=flt)
     sizes = {n: (tmp_path / "corpus" / n).stat().st_size for n in docs}
@@ -183,7 +184,7 @@ def test_every_filter_on_planted_text_documents(tmp_path, tokenizer):
         weight += sizes[name]
     units.append(group)
     assert len(units) >= 4  # duplicates sit in other units than their originals
-    expected = expected_streams(docs, tokenizer, cfg, units)
+    expected = expected_streams(docs, tokenizer, cfg, units, tmp_path / "corpus")
     for split in ("train", "val"):
         assert unit_streams(tmp_path / "t" / split) == expected[split]
     total = {k: manifests["train"].stats.filters[k] + manifests["val"].stats.filters[k]
@@ -198,7 +199,7 @@ def test_filters_give_the_same_shards_whatever_the_workers(tmp_path, tokenizer):
     flt = FilterConfig(**FILTERS, blocklist=str(tmp_path / "block.txt"))
     results = []
     for workers in (1, 2):
-        cfg = TokenizeConfig(seq_len=32, val_fraction=0.2, unit_bytes=1000, workers=workers)
+        cfg = TokenizeConfig(seq_len=32, val_fraction=0.4, unit_bytes=1000, workers=workers)
         manifests = build_token_shards(CorpusSpec(str(tmp_path / "corpus")), tokenizer, tmp_path / f"w{workers}", cfg,
                                        filters=flt)
         results.append({s: ([(r.file, r.sha256) for r in m.shards], m.stats.filters) for s, m in manifests.items()})
@@ -241,7 +242,7 @@ def test_every_filter_on_planted_conversations(tmp_path, tokenizer):
     (tmp_path / "block.txt").write_text("I am ChatGPT\n")
     flt = FilterConfig(min_chars=5, blocklist=str(tmp_path / "block.txt"))  # auto: exact, near, pii for chat
     manifests = build_token_shards(CorpusSpec(str(tmp_path / "c.jsonl"), format="chat"), tokenizer, tmp_path / "t",
-                                   TokenizeConfig(seq_len=512, val_fraction=0.3), filters=flt)
+                                   TokenizeConfig(seq_len=512, val_fraction=0.4), filters=flt)
     texts = []
     for split in ("train", "val"):
         for shard in manifests[split].shards:

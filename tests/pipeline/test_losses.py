@@ -307,3 +307,57 @@ def test_a_draws_only_cache_refuses_the_top_k_targets():
             check_target(target, 0, "cache")
         check_target(target, 8, "cache")
     check_target("sampled", 0, "cache")
+
+
+@pytest.mark.parametrize("target", ["tail", "renorm", "sampled"])
+def test_uncapped_student_with_an_underflowing_probability_gives_a_finite_loss(target):
+    """A student without a final soft-cap (null in its config) whose probability of a cached id underflows to
+    0 in float32, where the teacher's weight is 0 too: the loss and its gradient stay finite (no 0 · log 0)."""
+    from pipeline.losses import loss_and_grad
+
+    z = torch.tensor([[30.0, 0.0, -200.0, 1.0, 2.0, -1.0]])
+    targets = {"topk_ids": torch.tensor([[0, 2]]), "topk_logprobs": torch.tensor([[0.0, -200.0]]),
+               "tail_mass": torch.tensor([0.0]), "labels": torch.tensor([0]),
+               "sample_ids": torch.tensor([[2]]), "sample_counts": torch.tensor([[1.0]])}
+    assert torch.softmax(z, -1)[0, 2] == 0 and torch.exp(targets["topk_logprobs"])[0, 1] == 0
+    rows, grad = loss_and_grad(z, targets, LossConfig(target=target))
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    # the loss is the cross-entropy of the one id that carries the teacher's mass
+    assert rows.item() == pytest.approx(-torch.log_softmax(z, -1)[0, 0].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_tied_embedding_is_cast_once_per_forward_under_autocast(gpu_path):
+    """bf16 autocast, eight loss chunks: the [V, H] embedding is cast to bf16 once for the whole loss, and
+    on the CUDA path (matmuls writing float32, traced on fake tensors) no [V, H] product is cast back per
+    chunk either."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.plan import cuda_head, fake_mode
+
+    vocab, hidden_size = 640, 32
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in ((vocab, hidden_size),
+                                                                                   (hidden_size, vocab)):
+                casts.append((args[0].dtype, kwargs.get("dtype")))
+            return func(*args, **kwargs)
+
+    with fake_mode() if gpu_path else contextlib.nullcontext(), cuda_head() if gpu_path else contextlib.nullcontext():
+        weight = torch.nn.Parameter(torch.randn(vocab, hidden_size))
+        h = torch.randn(64, hidden_size, requires_grad=True)
+        targets = {"labels": torch.zeros(64, dtype=torch.long), "topk_ids": torch.zeros(64, 4, dtype=torch.long),
+                   "topk_logprobs": torch.full((64, 4), -2.0), "tail_mass": torch.full((64,), 0.2)}
+        with Casts(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_loss(h, weight, 30.0, targets, LossConfig(target="tail", loss_chunk=8))
+            loss.backward()
+    to_bf16 = [c for c in casts if c == (torch.float32, torch.bfloat16)]
+    back = [c for c in casts if c == (torch.bfloat16, torch.float32)]
+    assert len(to_bf16) == 1, casts
+    if gpu_path:
+        assert not back, casts

@@ -1,5 +1,6 @@
 """The streaming reader: every row once per epoch (checked against the rows read directly from the shards),
-shuffle buffers that mix row groups from the whole split and never hold more than their token budget,
+shuffle buffers of small regions from the whole split, a row-group cache within the token budget, global
+batches drawn from ≥ 128 regions at the 2B recipe's shape, ranks that read only their rows' row groups,
 exact resumption from a cursor despite the prefetch, ranks that together equal one process and decode
 only their own rows, and a corrupted shard named."""
 
@@ -80,18 +81,83 @@ def test_each_epoch_holds_every_stored_row_exactly_once(split, prefetch):
     assert all(tuple(row) == stored[w] for w, row in zip(windows.tolist(), ids))  # each row's own ids
 
 
-def test_buffers_mix_row_groups_from_the_whole_split_within_their_budget(split):
-    cfg = ReaderConfig(batch_size=10, shuffle_tokens=2 * GROUP * SEQ, seed=0, prefetch=0)  # 2 row groups a buffer
+def region(w):
+    """The reader's shuffle unit of window w in the `split` fixture: 2 windows, never across a row group."""
+    return w // GROUP, (w % GROUP) // 2
+
+
+def test_buffers_mix_small_regions_from_the_whole_split_within_their_budget(split):
+    cfg = ReaderConfig(batch_size=8, shuffle_tokens=4 * 2 * SEQ, seed=0, prefetch=0)  # 4 regions of 2 windows a buffer
     stream = ShardStream(split, ("window",), cfg)
-    half = [int(w) for _ in range(3) for w in stream.next_batch()["window"]]  # the first half of the epoch
-    assert sum(t.num_rows for t in stream._order._buffer.tables) <= 2 * GROUP  # one buffer of 2 row groups in memory
-    assert {w // ROWS for w in half} == set(range(SHARDS))  # already drawn from every shard
-    for buffer in (half[:10], half[10:20], half[20:30]):
-        chunks = {w // GROUP for w in buffer}
-        assert len(chunks) == 2  # a buffer is 2 whole row groups, its rows permuted
-        assert buffer != sorted(buffer)
+    first = [int(w) for _ in range(4) for w in stream.next_batch()["window"]]
+    assert stream._order._cached_rows <= max(4 * 2, GROUP)  # the row groups kept: the buffer's tokens at most
+    assert {w // ROWS for w in first} == set(range(SHARDS))  # already drawn from every shard
+    order = stream._order
+    at = 0
+    for index in range(3):  # the first buffers: at most 4 regions each, of at most 2 consecutive windows
+        size = int(order._layout(0)[1][index]) - at
+        buffer = first[at : at + size]
+        assert size <= 8 and len({region(w) for w in buffer}) <= 4 and len({region(w) for w in buffer}) >= size / 2
+        at += size
     in_order = ShardStream(split, ("window",), ReaderConfig(batch_size=10, prefetch=0), shuffle=False)
     assert [int(w) for _ in range(3) for w in in_order.next_batch()["window"]] == list(range(30))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 1000, 4099])
+def test_the_order_of_regions_is_a_seeded_permutation(n):
+    got = reader_module.Permutation(n, [0, 1]).of(np.arange(n))
+    assert sorted(got.tolist()) == list(range(n))  # every region once
+    again = reader_module.Permutation(n, [0, 1]).of(np.arange(n))
+    other = reader_module.Permutation(n, [0, 2]).of(np.arange(n))
+    assert np.array_equal(got, again)
+    if n >= 17:
+        assert not np.array_equal(got, np.arange(n)) and not np.array_equal(got, other)
+
+
+def token_split(folder, shards, rows, group, seq=SEQ):
+    """Token shards whose windows are numbered (also in their ids), in row groups of `group` rows."""
+    meta = TokensMeta(seq_len=seq, vocab_size=100000, tokenizer_fingerprint="x", corpus="synthetic", split="train")
+    schema = token_schema(seq)
+    records = []
+    for s in range(shards):
+        windows = np.arange(s * rows, (s + 1) * rows)
+        ids = np.full((rows, seq + 1), 7, dtype=np.int32)
+        ids[:, 0], ids[:, 1] = 2, windows + 10
+        path = folder / f"train-{s:05d}.parquet"
+        with ShardWriter(path, with_meta(schema, meta), group) as w:
+            w.write(encode(windows, ids, np.zeros(rows, bool), schema))
+        records.append(shard_record(path, rows, seq, max_id=int(ids.max())))
+    write_manifest(folder, meta, records, TokensStats(max_id=100000))
+    return folder
+
+
+@pytest.mark.parametrize(("group", "shards"), [(2, 16), (32, 64)])
+def test_a_global_batch_draws_its_windows_from_about_as_many_regions(tmp_path, group, shards):
+    """The 2B recipe's shape in miniature: 256 windows a global batch, a 2^21-token buffer at SEQ_LEN 4096
+    (512 windows), row groups as stage one writes them at that length (2 windows) or as it wrote them
+    before (32): a global batch comes from ≥ 128 distinct row groups (contiguous stretches of the corpus)
+    and ≥ 128 distinct 2-window regions either way."""
+    seq = 4
+    split = token_split(tmp_path / "train", shards=shards, rows=256, group=group, seq=seq)
+    stream = ShardStream(split, ("window",), ReaderConfig(batch_size=32, shuffle_tokens=512 * seq, seed=5, prefetch=0),
+                         Runtime(rank=0, world=8))
+    cursor = Cursor()
+    for _ in range(16):  # 16 global batches
+        shard, row, cursor = stream._order.regions_of(cursor, 256)
+        groups = set(zip(shard.tolist(), (row // group).tolist()))
+        regions = set(zip(shard.tolist(), (row // 2).tolist()))
+        assert len(groups) >= 128 and len(regions) >= 128, (len(groups), len(regions))
+
+
+def test_a_rank_reads_only_the_row_groups_of_its_rows(tmp_path):
+    """Rank 0 of 4 reads about the row groups its own rows touch over an epoch, not the whole split."""
+    split = token_split(tmp_path / "train", shards=4, rows=64, group=2)
+    stream = ShardStream(split, ("window",), ReaderConfig(batch_size=4, shuffle_tokens=64 * SEQ, seed=1, prefetch=0),
+                         Runtime(rank=0, world=4))
+    mine = [int(w) for _ in range(256 // 16) for w in stream.next_batch()["window"]]
+    assert len(mine) == 64 and stream.cursor == Cursor(0, 256)
+    touched = {w // 2 for w in mine}
+    assert stream._order.groups_read == len(touched) < 128  # each group its rows touch read once; 128 in all
 
 
 def test_resume_from_cursor_sees_the_same_rows_despite_the_prefetch(cache):

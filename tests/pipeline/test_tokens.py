@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -43,7 +45,7 @@ def test_label_mask_and_documents():
 
 
 def test_split_is_deterministic_by_document():
-    ids = [f"doc{i}" for i in range(2000)]
+    ids = [f"document text {i}" for i in range(2000)]
     val = [d for d in ids if is_val(d, 0.1)]
     assert val == [d for d in ids if is_val(d, 0.1)]
     assert 150 < len(val) < 250
@@ -111,7 +113,7 @@ def test_windows_hold_the_corpus_documents_in_order(work, tokenizer, corpus_dir)
     """Every window starts with <bos>; with the repeated token of continued windows removed, the train
     windows are exactly the train documents as `<bos> doc <eos>`, in corpus order (pads aside)."""
     texts = [(f.name, f.read_text()) for f in sorted(corpus_dir.iterdir())]
-    expected = [x for name, t in texts if not is_val(name, 0.2) for x in [BOS, *tokenizer.encode(t), EOS]]
+    expected = [x for name, t in texts if not is_val(t, 0.2) for x in [BOS, *tokenizer.encode(t), EOS]]
     assert unit_streams(work / "tokens" / "train") == {0: expected}
 
 
@@ -132,7 +134,8 @@ def test_units_and_their_window_indices(tmp_path, tokenizer, corpus_dir):
     assert len(groups) > 3
     streams = unit_streams(tmp_path / "t" / "train")
     for unit, group in enumerate(groups):
-        expected = [x for f in group if not is_val(f.name, 0.2) for x in [BOS, *tokenizer.encode(f.read_text()), EOS]]
+        expected = [x for f in group if not is_val(f.read_text(), 0.2)
+                    for x in [BOS, *tokenizer.encode(f.read_text()), EOS]]
         assert streams.get(unit, []) == expected
     windows, _, _ = split_windows(tmp_path / "t" / "train")
     for unit in streams:
@@ -151,15 +154,16 @@ def test_a_large_text_file_is_cut_into_units_at_newlines(tmp_path, tokenizer):
     (tmp_path / "big.txt").write_text(text)
     cfg = TokenizeConfig(seq_len=16, val_fraction=0.5, unit_bytes=1000, piece_bytes=150)
     build_token_shards(CorpusSpec(str(tmp_path / "big.txt")), tokenizer, tmp_path / "t", cfg)
-    cuts = sorted({0, len(text), *(text.index("\n", t) + 1 for t in range(1000, len(text), 1000))})
+    # cut after a newline that a non-space character follows (a tokenizer may merge a run of whitespace)
+    good = [m.start() + 1 for m in re.finditer(r"\n(?=\S)", text)]
+    cuts = sorted({0, len(text), *(next(c for c in good if c > t) for t in range(1000, len(text), 1000))})
     ranges = list(zip(cuts, cuts[1:]))
     assert len(ranges) >= 8
     streams = {s: unit_streams(tmp_path / "t" / s) for s in ("train", "val")}
     assert {u for s in streams.values() for u in s} == set(range(len(ranges)))
     body = []
     for unit, (a, b) in enumerate(ranges):
-        split = "val" if is_val("big.txt" if a == 0 else f"big.txt@{a}", 0.5) else "train"
-        ids = streams[split][unit]
+        [ids] = [streams[s][unit] for s in streams if unit in streams[s]]  # a range lies in one split
         assert (ids[0] == BOS) == (a == 0) and BOS not in ids[1:]
         assert (ids[-1] == EOS) == (b == len(text)) and EOS not in ids[:-1]
         body += [x for x in ids if x not in (BOS, EOS)]

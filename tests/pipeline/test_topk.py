@@ -268,3 +268,62 @@ def test_head_memory_stays_within_the_budget(samples):
                          env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True, check=True)
     ratio = json.loads(out.stdout.strip().splitlines()[-1])["ratio"]
     assert 0.9 < ratio <= HEAD_RATIO_LIMIT, ratio  # at least the logits buffer itself: the measurement sees it
+
+
+@pytest.mark.parametrize("samples", [0, 16])
+def test_head_peak_in_the_bf16_several_chunks_regime(samples):
+    """A bf16 teacher, four head chunks per batch (stage one's regime on a GPU): the head's own buffers stay
+    within 1.8 × one float32 [chunk × vocab] buffer, counted storage by storage on real tensors: each
+    chunk's buffer is released before the next matmul, and no bf16 copy of the logits sits beside it."""
+    from pipeline.plan import MemoryTracer
+    from pipeline.topk import head_chunks
+
+    vocab, chunk = 8192, 64
+    model = Gemma2(preset("debug", vocab_size=vocab), "math")
+    model.init_weights(0)
+    model = model.to(torch.bfloat16).eval()
+    hidden = torch.randn(4 * chunk, model.config.hidden_size, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (4 * chunk,))
+    uniforms = torch.rand(4 * chunk, samples, dtype=torch.float64) if samples else None
+    tracer = MemoryTracer()
+    with torch.no_grad(), tracer:
+        out = head_chunks(model, hidden, labels, uniforms, TopKConfig(topk=16, samples=samples, head_chunk=chunk))
+    assert len(out) == 4
+    ratio = tracer.peak() / (chunk * vocab * 4)
+    assert 1.0 <= ratio <= 1.8, ratio
+
+
+def test_float32_logits_of_a_bf16_head_match_the_rounded_product():
+    """The CPU's bf16 path (row blocks into one float32 buffer) gives the bf16 product's values."""
+    from pipeline.topk import float32_logits
+
+    h = torch.randn(37, 24, dtype=torch.bfloat16)
+    w = torch.randn(50, 24, dtype=torch.bfloat16)
+    z = float32_logits(h, w)
+    assert z.dtype == torch.float32 and torch.allclose(z, (h @ w.T).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_padded_last_batch_gives_the_unpadded_targets():
+    """A shard's last batch padded to the capture batch: the forward runs at 5 rows, the head skips the
+    padding, and the targets of the 2 real rows are those computed without padding, byte for byte."""
+    from tests.conftest import tiny_config
+
+    model = Gemma2(tiny_config(), "math")
+    model.init_weights(1)
+    model.eval()
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :3] = False
+    cfg = TopKConfig(topk=5, samples=6, head_chunk=7)
+    shapes = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: shapes.append(tuple(o.shape)))
+    plain = teacher_targets(model, ids, [7, 9], cfg, mask)
+    padded = teacher_targets(model, ids, [7, 9], cfg, mask, pad_to=5)
+    hook.remove()
+    assert shapes[0][0] == 2 and shapes[1][0] == 5
+    for name in ("topk_ids", "topk_logprobs", "tail_mass", "entropy", "label_logprob", "sample_ids", "sample_counts",
+                 "sample_offsets"):
+        a, b = getattr(plain, name), getattr(padded, name)
+        assert a.shape == b.shape and np.array_equal(a, b), name
+    full = teacher_targets(model, ids, [7, 9], cfg, None, pad_to=4)  # no mask: every real position
+    assert full.tail_mass.shape == (2, 10) and (full.tail_mass > 0).all()

@@ -193,6 +193,55 @@ def test_checkpoint_cadence_by_tokens_and_by_wall_time(cache, tmp_path, monkeypa
         sorted(p.name for p in (tmp_path / "b" / "checkpoint").iterdir()) == ["latest.json", "step-00000007"]
 
 
+def test_a_step_takes_each_micro_batch_when_it_trains_and_equals_the_mean_over_the_step(cache, tmp_path, monkeypatch):
+    """grad_accum 4: the step asks the reader for a micro-batch only when the one before has been trained
+    (so the prefetch reads the rest meanwhile), and its gradient is the mean over every trained position of
+    the step, scaled before the norm: the same as one batch of 4× the rows (checked against a plain
+    backward of the summed loss over the whole step's rows, divided by their count)."""
+    cfg = dataclasses.replace(FAST, batch_size=2, grad_accum=4)
+    run = prepared(cache, tmp_path / "s", cfg)
+    events = []
+    real_next, real_forward = ShardStream.next_batch, type(run.wrapped).forward
+    seen = []
+
+    def next_batch(self):
+        events.append("read")
+        batch = real_next(self)
+        seen.append(batch)
+        return batch
+
+    def forward(self, batch, denominator, evaluate=None):
+        events.append("train")
+        return real_forward(self, batch, denominator, evaluate)
+
+    monkeypatch.setattr(ShardStream, "next_batch", next_batch)
+    monkeypatch.setattr(type(run.wrapped), "forward", forward)
+    clip = dataclasses.replace(OPTIM, clip=0.0)
+    run.optim = clip
+    ref = train_module.StudentWithLoss(train_module.Gemma2(run.model.config), run.loss)
+    ref.load_state_dict(run.wrapped.state_dict())
+    step_loss, norm, _ = train_module.train_step(run)
+    assert events == ["read", "train"] * 4
+    whole = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}  # the step's 8 rows as one batch
+    positions = int(whole["label_mask"].sum())
+    loss = ref(train_module.to_torch(whole, torch.device("cpu")), float(positions))
+    loss.backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters() if p.grad is not None])
+    assert step_loss == pytest.approx(loss.item(), rel=1e-5)
+    assert norm == pytest.approx(want.item(), rel=1e-4)
+    run.stream.close()
+
+
+def test_collectives_wait_the_training_timeout(cache, tmp_path, monkeypatch):
+    """Rank 0's checkpoint bookkeeping must not trip a collective: the process group waits --timeout-minutes."""
+    got = []
+    real = Runtime.from_env
+    monkeypatch.setattr(Runtime, "from_env", classmethod(lambda cls, timeout_s=None: got.append(timeout_s) or real()))
+    train("s", "debug", cache, tmp_path / "s", LossConfig(), OPTIM,
+          dataclasses.replace(FAST, max_tokens=16 * 8, timeout_minutes=90))
+    assert got == [90 * 60]
+
+
 # --- guards ---------------------------------------------------------------------------------------------
 
 
@@ -258,8 +307,8 @@ def test_bad_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(cache,
     assert json.loads((out / "checkpoint" / "latest.json").read_text())["step"] == 4
     assert not (out / FINISHED).is_file() and not (out / "config.json").is_file()  # nothing looks finished
     assert unfinished(out) and "has not finished" in unfinished(out)
-    state = load_file(out / "checkpoint" / "step-00000004" / "rank-00000-of-00001.safetensors")
-    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("param/"))
+    state = {k: v for f in (out / "checkpoint" / "step-00000004").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert state and all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("param/"))
 
 
 def test_a_kill_in_the_middle_of_the_checkpoint_swap_leaves_a_complete_checkpoint(cache, tmp_path, monkeypatch):

@@ -299,3 +299,85 @@ def test_rerun_compares_the_signals_too(work, copy):
     report = rerun(copy, work / "teacher")
     reruns = [p for p in report.problems if "the re-run teacher differs from the cache" in p]
     assert len(reruns) == 6 and 0.09 < report.max_diff < 0.2, report.problems
+
+
+def _damage_keeping_size_and_mtime(path):
+    """Other bytes, the same size and nanosecond mtime: only a sha256 of the file can tell."""
+    import os
+
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_the_sample_is_seeded_and_full_checks_every_shard(cache, copy):
+    """Every footer is checked; sha256 and values on VERIFY_SAMPLE shards (a count or a fraction) drawn by the
+    seed, on all with VERIFY_FULL. Damage that keeps size and mtime is found exactly when its shard is drawn."""
+    import math
+
+    from pipeline.verify import pick_shards
+
+    total = sum(len(read_manifest(cache / s, "logits").shards) for s in ("train", "val"))
+    for cfg, deep in ((VerifyConfig(sample="2", seed=1), 2), (VerifyConfig(sample="0.5"), math.ceil(total / 2)),
+                      (VerifyConfig(sample="0", full=1), total), (VerifyConfig(sample="0"), 0)):
+        report = verify_cache(cache, cfg)
+        assert report.problems == [] and (report.footers, report.shards) == (total, deep), cfg
+    assert pick_shards(total, "3", 7) == pick_shards(total, "3", 7) and len(pick_shards(total, "3", 7)) == 3
+    assert len({frozenset(pick_shards(total, "3", seed)) for seed in range(10)}) > 1
+    victim = shard(copy, "train", 1)  # the second shard in manifest order (train first)
+    _damage_keeping_size_and_mtime(victim)
+    named = f"{victim}: sha256 differs from the manifest's; the file changed after it was written: delete it and " \
+            "rerun `make teacher-logits`"
+    drawn = next(seed for seed in range(100) if 1 in pick_shards(total, "2", seed))
+    missed = next(seed for seed in range(100) if 1 not in pick_shards(total, "2", seed))
+    assert verify_cache(copy, VerifyConfig(sample="2", seed=drawn)).problems == [named]
+    assert verify_cache(copy, VerifyConfig(sample="2", seed=missed)).problems == []
+    assert verify_cache(copy, VerifyConfig(sample="0", full=1)).problems == [named]
+    for bad in ("x", "1.5", "-1", "2.5e3", "nan"):
+        with pytest.raises(PipelineError, match=f"--sample '{bad}' \\(VERIFY_SAMPLE\\): a count of shards"):
+            VerifyConfig(sample=bad)
+
+
+def test_a_shard_changed_since_its_capture_record_is_always_checked(copy):
+    """A shard rewritten after its writer recorded it (new mtime) is hashed whatever the sample; a manifest
+    whose sha256 is not the writer's is named too."""
+    victim = shard(copy, "val", 0)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert verify_cache(copy, VerifyConfig(sample="0")).problems == [
+        f"{victim}: sha256 differs from the manifest's; the file changed after it was written: delete it and rerun "
+        "`make teacher-logits`"]
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))  # the original bytes again (a later mtime: hashed, and found sound)
+    edited = shard(copy, "train", 0)
+    rewrite(edited, lambda rows: None)  # other bytes (pyarrow's writer), and the manifest edited to vouch for them
+    problems = verify_cache(copy, VerifyConfig(sample="0")).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{edited}: the manifest's sha256 is not the one its writer "
+                                                         "recorded"), problems
+
+
+def test_ranks_split_the_shards_and_rank_0_reports_for_all(cache, copy):
+    """Two ranks (threads here; processes under LAUNCH): each checks its own shards, rank 0's report holds
+    both, and damage in a shard of rank 1 is named by rank 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.capture import assign_by_tokens
+    from pipeline.runtime import Runtime
+
+    records = [(s, r) for s in ("train", "val") for r in read_manifest(copy / s, "logits").shards]
+    owners = assign_by_tokens([r.bytes for _, r in records], 2)
+    split, record = next(x for x, owner in zip(records, owners) if owner == 1)
+    victim = copy / split / record.file
+    _damage_keeping_size_and_mtime(victim)
+    cfg = VerifyConfig(full=1, poll_s=0.01)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(verify_cache, copy, cfg, runtime=Runtime(rank=1, world=2), run="r")
+        report = verify_cache(copy, cfg, runtime=Runtime(rank=0, world=2), run="r")
+        mine = other.result()
+    assert (report.footers, report.shards) == (len(records), len(records) - 1)
+    assert 0 < mine.footers < len(records)
+    assert report.problems == [f"{victim}: sha256 differs from the manifest's; the file changed after it was written: "
+                               "delete it and rerun `make teacher-logits`"]

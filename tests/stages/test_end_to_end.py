@@ -15,6 +15,9 @@ from tests.stages.helpers import ROOT, stage
 
 GOLDEN = ROOT / "tests" / "assets" / "e2e_losses.json"
 TRAIN = ("--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "3", "--precision", "fp32", "--eval-every", "10")
+# Students at a gentler rate: at 1e-2 thirty steps of a debug student are chaotic (val CE over seeds 1.58-1.82,
+# KD behind CE at one seed), so the last bits in which AVX2 and AVX-512 kernels differ grew to 0.05 nats.
+STUDENT = ("--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "3", "--precision", "fp32", "--eval-every", "10")
 
 
 @pytest.mark.slow
@@ -28,9 +31,9 @@ def test_all_stages_chain(corpus_dir, tmp_path):
           "--topk", "8", "--samples", "4")
     for loss in ("kd", "ce"):
         stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", f"s-{loss}=debug",
-              "--loss", loss, "--max-tokens", 16 * 8 * 30, *TRAIN)
+              "--loss", loss, "--max-tokens", 16 * 8 * 30, *STUDENT)
     stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd2=debug",
-          "--init-from", work / "students" / "s-kd", "--seed", "2", "--max-tokens", 16 * 8 * 5, *TRAIN)
+          "--init-from", work / "students" / "s-kd", "--seed", "2", "--max-tokens", 16 * 8 * 5, *STUDENT)
     stage("merge", "--inputs", work / "students" / "s-kd", work / "students" / "s-kd2", "--out", work / "students" / "merged")
     report = stage("report", "--work", work).stdout
     assert "Distilled vs from scratch" in report and "## Model merging" in report
@@ -58,5 +61,5 @@ def test_all_stages_chain(corpus_dir, tmp_path):
     assert losses["s-kd"] < losses["s-ce"] - 0.03
     # Rerunning a finished chain does no work and changes nothing.
     again = stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd=debug",
-                  "--loss", "kd", "--max-tokens", 16 * 8 * 30, *TRAIN).stdout
+                  "--loss", "kd", "--max-tokens", 16 * 8 * 30, *STUDENT).stdout
     assert "already complete" in again

@@ -1,7 +1,8 @@
 """`python -m stages.train_student --sharding fsdp` under torchrun, on the CPU with gloo: two FSDP processes
 train what one process trains at the same global batch (weights ≤ 1e-4, the same validation metrics through
-the sharded model), a killed FSDP run resumes to exactly the uninterrupted weights, its checkpoint holds one
-shard per rank, and resuming on another number of processes is refused in one line."""
+the sharded model); FSDP and DDP runs killed on 2 processes resume on 1 at the same global batch to the
+uninterrupted weights (≤ 1e-4), from DCP checkpoints that hold one shard per rank under FSDP; another global
+batch is refused in one line."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.capture import CaptureConfig, capture
@@ -93,36 +94,69 @@ def test_two_fsdp_processes_match_one_at_the_same_global_batch(cache, tmp_path):
     assert run["world_size"] == 2 and run["train"]["sharding"] == "fsdp"
 
 
-def test_killed_fsdp_run_resumes_to_the_same_weights(cache, tmp_path):
-    args = ("--cache", cache, *COMMON, "--sharding", "fsdp", "--max-tokens", 16 * 4 * 60, "--batch-size", 2,
-            "--save-every", 1)
-    launch(2, "--students", tmp_path / "whole", *args)
-    out = tmp_path / "killed" / "debug"
-    pointer = out / "checkpoint" / "latest.json"
-    proc = subprocess.Popen(torchrun(2, "--students", tmp_path / "killed", *args), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_at_step(cmd: list[str], pointer: Path, step: int) -> dict:
+    """Starts `cmd`, SIGKILLs it (the launcher and every rank) once a checkpoint of `step` or later is complete,
+    and returns what latest.json names."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (pointer.is_file() and json.loads(pointer.read_text())["step"] >= 3):
+    while time.time() < deadline and not (pointer.is_file() and json.loads(pointer.read_text())["step"] >= step):
         time.sleep(0.01)
     kill_tree(proc.pid)  # the launcher and both ranks, mid-step or mid-checkpoint
     proc.wait()
-    step = json.loads(pointer.read_text())
+    latest = json.loads(pointer.read_text())
     time.sleep(2)
-    assert json.loads(pointer.read_text()) == step, "a rank outlived the kill"
+    assert json.loads(pointer.read_text()) == latest, "a rank outlived the kill"
+    return latest
+
+
+def shard_shapes(folder: Path, name: str) -> list[list[int]]:
+    """The shape of `name` in each safetensors file of a checkpoint folder that holds it (headers only)."""
+    shapes = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            if name in f.keys():
+                shapes.append(f.get_slice(name).get_shape())
+    return shapes
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
+def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_weights(cache, tmp_path, sharding):
+    """Killed on 2 processes, resumed on 1 at the same global batch (--batch-tokens: 2 × 2 windows then 1 × 2
+    windows × 2 micro-steps): the weights of the uninterrupted 2-process run within float32 reduction order.
+    The FSDP checkpoint holds one shard of each tensor per rank (DCP, safetensors); under DDP the replicas are
+    written once, spread over the ranks."""
+    args = ("--cache", cache, *COMMON, "--sharding", sharding, "--max-tokens", 16 * 4 * 40, "--batch-size", 2,
+            "--batch-tokens", 16 * 4, "--save-every", 1, "--eval-windows", 0)
+    launch(2, "--students", tmp_path / "whole", *args)
+    out = tmp_path / "killed" / "debug"
+    step = kill_at_step(torchrun(2, "--students", tmp_path / "killed", *args), out / "checkpoint" / "latest.json", 3)
     assert not (out / "finished.json").exists(), "the run finished before it was killed; the test proves nothing"
-    shards = [load_file(out / "checkpoint" / step["folder"] / f"rank-0000{r}-of-00002.safetensors") for r in range(2)]
+    folder = out / "checkpoint" / step["folder"]
     vocab = weights(tmp_path / "whole" / "debug")["model.embed_tokens.weight"].shape[0]
-    embed = [s["param/model.embed_tokens.weight"].shape[0] for s in shards]
-    assert sum(embed) == vocab and max(embed) == -(-vocab // 2)  # one shard of each tensor per rank
-    assert "exp_avg/model.layers.0.mlp.up_proj.weight" in shards[1]
+    embed = shard_shapes(folder, "param/model.embed_tokens.weight")
+    if sharding == "fsdp":
+        assert sorted(s[0] for s in embed) == [vocab // 2, vocab - vocab // 2]  # one shard per rank
+        assert len(shard_shapes(folder, "exp_avg/model.layers.0.mlp.up_proj.weight")) == 2
+    else:
+        assert [s[0] for s in embed] == [vocab]  # the replica once
+    assert not list(folder.glob(".metadata")) and not list(folder.glob("*.distcp"))  # nothing pickled
 
-    refused = stage("train_student", "--students", tmp_path / "killed", *args, check=False)  # one process
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert refused.stderr.startswith("error: ") and "started on 2 processes" in refused.stderr
+    refused = stage("train_student", "--students", tmp_path / "killed", *args[:-4], "--batch-tokens", 16 * 8,
+                    "--save-every", 1, check=False)  # another global batch: refused before anything is touched
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: ") and "64 tokens a step, this one 128" in refused.stderr
 
-    launch(2, "--students", tmp_path / "killed", *args)
+    # One process, eval and save cadence changed (they do not change the trajectory).
+    resumed = stage("train_student", "--students", tmp_path / "killed", *args[:-2], "--eval-windows", 8,
+                    "--save-every", 5)
+    assert "already complete" not in resumed.stdout
     a, b = weights(tmp_path / "whole" / "debug"), weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["world_size"] == 1 and run["train"]["save_every"] == 5
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == list(range(1, 41))  # every step logged once across the two sessions
 
 
 def test_bf16_fsdp_gathers_bf16_layers_and_stays_as_close_to_one_process_as_ddp(cache, tmp_path):

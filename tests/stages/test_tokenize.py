@@ -70,8 +70,12 @@ def test_two_workers_equal_one(mixed, tmp_path, caps):
     if not caps or caps[0] == "--filters":
         assert len(units) > 3  # several units did the work
     else:  # the first windows covering each cap, from the first units only
-        assert train.tokens == 608 and read_manifest(one / "tokens" / "val", "tokens").tokens == 112
-        assert len(list((one / "tokens" / "units").iterdir())) == len(units) < 10
+        val = read_manifest(one / "tokens" / "val", "tokens")
+        assert train.tokens == 608 and val.tokens == 112
+        used = units | {s.file.split("-")[1] for s in val.shards}
+        records = sorted(p.stem for p in (one / "tokens" / "units").iterdir())
+        assert records == [f"{i:06d}" for i in range(len(records))] and set(used) <= set(records)
+        assert int(max(used)) + 1 == len(records) < 10  # the leading units that cover both caps, no more
 
 
 def test_saved_dataset_two_workers_equal_one(saved_dataset, tmp_path):

@@ -58,3 +58,13 @@ def test_bad_input_is_one_line(cache, tmp_path):
     result = stage("verify", "--cache", cache, "--windows", "2", "--teacher", tmp_path / "none", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "--windows 2 re-runs the teacher" in lines[0]
+
+
+def test_make_verify_sample_and_full(cache, tmp_path):
+    """VERIFY_SAMPLE and VERIFY_FULL reach the stage: every footer, then sha256 and values on 2 shards, or all."""
+    total = sum(len(read_manifest(cache / s, "logits").shards) for s in ("train", "val"))
+    for settings, deep in ((["VERIFY_SAMPLE=2"], 2), (["VERIFY_SAMPLE=0", "VERIFY_FULL=1"], total)):
+        result = make("verify", f"WORK={tmp_path}", f"CACHE={cache}", *settings)
+        assert result.returncode == 0, result.stderr
+        line = result.stdout.splitlines()[-1]
+        assert line.startswith(f"{cache}: sound — {total} shards match their manifests") and f"; {deep} of them" in line
