@@ -136,7 +136,7 @@ def verify_rates(root: Path | None = None, windows: int = 16, seq_len: int = 409
     columns, README's storage table, + the window's ids; random values compress worse)."""
     from benchmarks.reader import write_cache
     from pipeline.fsutil import sha256_file
-    from pipeline.verify import Report, check_shard, check_values
+    from pipeline.verify import Report, VerifyConfig, check_shard, check_values
     from schemas.logits import validate_logits_shard
     from schemas.manifest import read_manifest
 
@@ -162,12 +162,12 @@ def verify_rates(root: Path | None = None, windows: int = 16, seq_len: int = 409
         values_pos_s = 2 * windows * seq_len / (time.perf_counter() - start)
     bytes_per_token = cache_bytes_per_token
     footer_s = float(np.median(footers))
-    rows = []
+    rows, sample = [], int(VerifyConfig().sample)
     for tokens in (10**10, 10**12):
         shards = tokens / (1024 * seq_len)  # SHARD_WINDOWS 1024
         per_shard = 1024 * seq_len * bytes_per_token / 1e6 / sha_mb_s + 1024 * seq_len / values_pos_s
         rows.append({"tokens": f"{tokens:.0e}", "shards": shards, "cache_TB": tokens * bytes_per_token / 1e12,
-                     "footers_all_s": shards * footer_s, "sample_64_s": min(64, shards) * per_shard,
+                     "footers_all_s": shards * footer_s, f"sample_{sample}_s": min(sample, shards) * per_shard,
                      "full_h_1_rank": shards * per_shard / 3600, "full_h_8_ranks": shards * per_shard / 3600 / 8})
     print(table(f"make verify: footer {1e3 * footer_s:.2f} ms/shard, sha256 {sha_mb_s:,.0f} MB/s, invariants "
                 f"{values_pos_s:,.0f} positions/s (T {seq_len}, K {topk}, N {samples}, V {vocab:,}; "

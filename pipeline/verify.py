@@ -87,7 +87,7 @@ TOKEN_FIELDS = ("kind", "schema_version", "seq_len", "vocab_size", "tokenizer_fi
 class VerifyConfig:
     windows: int = setting(0, "re-run the teacher on this many random windows and compare with the cache (0: files "
                               "and invariants only)")
-    seed: int = setting(0, "seed of the choice of re-run windows")
+    seed: int = setting(0, "seed of the random choices: the re-run windows and the sampled shards")
     tolerance: float = setting(1e-3, "largest |Δ log-prob| (nats) and |Δ tail mass| between the re-run and the cache, "
                                      "beyond float16 rounding")
     dtype: str = setting("auto", "the re-run teacher's dtype (auto: the one the cache recorded)",

@@ -55,10 +55,13 @@ def test_all_stages_chain(corpus_dir, tmp_path):
         GOLDEN.write_text(json.dumps(losses, indent=2, sort_keys=True) + "\n")
     golden = json.loads(GOLDEN.read_text())
     for name, value in golden.items():
-        # A tolerance well inside the KD-vs-CE gap below, so a change that erased the gap cannot pass.
-        assert losses[name] == pytest.approx(value, abs=0.01), name
-    # What the pipeline is for: on the same windows and budget, the distilled student beats its twin.
-    assert losses["s-kd"] < losses["s-ce"] - 0.03
+        # The golden is AVX-512's. Measured spread over kernel sets (ATEN_CPU_CAPABILITY unset = avx512, avx2,
+        # default = scalar): teacher 0.5151-0.5202, s-kd 3.0308-3.0394, s-ce 3.1146 in all three. The tolerance
+        # is over twice the widest, and well inside the KD-vs-CE gap below, so erasing the gap cannot pass.
+        assert losses[name] == pytest.approx(value, abs=0.02), name
+    # What the pipeline is for: on the same windows and budget, the distilled student beats its twin (by
+    # 0.075-0.084 on the three kernel sets).
+    assert losses["s-kd"] < losses["s-ce"] - 0.04
     # Rerunning a finished chain does no work and changes nothing.
     again = stage("train_student", "--cache", work / "logits", "--students", work / "students", "--student", "s-kd=debug",
                   "--loss", "kd", "--max-tokens", 16 * 8 * 30, *STUDENT).stdout
