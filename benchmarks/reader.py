@@ -78,7 +78,7 @@ def write_cache(folder: Path, windows: int, seq_len: int, vocab: int, topk: int,
         n = min(shard_windows, windows - start)
         path = split / f"train-{s:05d}.parquet"
         shard_meta = LogitsShardMeta(**vars(meta), source_shard=path.name, source_sha256="synthetic")
-        group = group_windows or rows_per_group(row_bytes(seq_len, topk, samples))
+        group = group_windows or rows_per_group(row_bytes(seq_len, topk, samples), seq_len)
         with ShardWriter(path, with_meta(schema, shard_meta), group) as writer:
             for lo in range(0, n, 8):
                 b = min(8, n - lo)

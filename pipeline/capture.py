@@ -624,7 +624,7 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: Log
                             columns["loss_mask"][rows] if chat else None, encoding))
         stats.add(targets, mask[rows])
 
-    with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes(seq_len, k, meta.samples)),
+    with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes(seq_len, k, meta.samples), seq_len),
                      options=write_options(schema, float16_split=encoding.float16_split)) as writer:
         with Background(cfg.background_writes) as background:
             for start in range(0, len(ids), cfg.batch_size):

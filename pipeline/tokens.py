@@ -525,7 +525,7 @@ class _UnitWriter:
         windows = (self.unit << 32) + np.arange(self.written, self.written + n, dtype=np.int64)
         path = self.folder / f"{self.split}-{self.unit:06d}-{len(self.records):05d}.parquet"
         masks = np.stack(self.masks) if self.chat else None
-        with ShardWriter(path, self.schema, rows_per_group(width * 4 + (width - 1) * self.chat)) as w:
+        with ShardWriter(path, self.schema, rows_per_group(width * 4 + (width - 1) * self.chat, width - 1)) as w:
             w.write(encode(windows, ids, np.array(self.continued), self.schema, masks))
         self.records.append(shard_record(path, n, self.cfg.seq_len, max_id=int(ids.max())))
         self.written += n
@@ -770,7 +770,7 @@ def _cut(path: Path, rows: int, meta: TokensMeta, seq_len: int) -> ShardRecord:
     table = pq.read_table(path).slice(0, rows).replace_schema_metadata(None)
     target = path.with_name(f"{path.stem}-cap.parquet")
     with ShardWriter(target, with_meta(token_schema(seq_len, meta.format == "chat"), meta),
-                     rows_per_group((seq_len + 1) * 4)) as w:
+                     rows_per_group((seq_len + 1) * 4, seq_len)) as w:
         w.write(table)
     ids = np.asarray(table.column("input_ids").combine_chunks().flatten())
     return shard_record(target, rows, seq_len, max_id=int(ids.max()))

@@ -186,19 +186,12 @@ def logits_schema(seq_len: int, topk: int, samples: int, chat: bool = False, ver
     return pa.schema(fields)
 
 
-GROUP_TOKENS = 8192  # a logit row group holds at most this many tokens of windows (and at least one window)
-
-
 def row_bytes(seq_len: int, topk: int, samples: int) -> int:
-    """A row as stage one counts it when it sizes its row groups (`pipeline.shards.rows_per_group`: 64 MB over
-    this): its uncompressed size — per position K ids and log-probs (6 bytes each), the tail mass and the two
-    signals (8), the draws (6 each); the window's ids — or, when more, 64 MB over `GROUP_TOKENS // seq_len`,
-    so that a row group holds at most that many windows (2 at SEQ_LEN 4096): the reader's shuffle unit is 2
-    windows, and a rank then reads about the windows it trains on, not a 64 MB group for each of them."""
-    from pipeline.shards import ROW_GROUP_BYTES
-
-    size = seq_len * (topk * 6 + 8 + samples * 6) + (seq_len + 1) * 4
-    return max(size, -(-ROW_GROUP_BYTES // max(1, GROUP_TOKENS // seq_len)))
+    """A row's uncompressed size as stage one counts it when it sizes its row groups
+    (`pipeline.shards.rows_per_group`, which also caps a group at 8192 tokens of windows: 2 at SEQ_LEN 4096,
+    so that the reader's 2-window regions decode about the windows they train on): per position K ids and
+    log-probs (6 bytes each), the tail mass and the two signals (8), the draws (6 each); the window's ids."""
+    return seq_len * (topk * 6 + 8 + samples * 6) + (seq_len + 1) * 4
 
 
 def schema_of(meta: LogitsMeta) -> pa.Schema:

@@ -41,19 +41,8 @@ def cache(work, tmp_path_factory):
 def split(tmp_path_factory):
     """Token shards whose windows are numbered 0..59 (also written into the ids), in row groups of 5."""
     folder = tmp_path_factory.mktemp("split") / "train"
-    meta = TokensMeta(seq_len=SEQ, vocab_size=1000, tokenizer_fingerprint="x", corpus="synthetic", split="train")
-    schema = token_schema(SEQ)
-    records = []
-    for s in range(SHARDS):
-        windows = np.arange(s * ROWS, (s + 1) * ROWS)
-        ids = np.full((ROWS, SEQ + 1), 7, dtype=np.int32)
-        ids[:, 0], ids[:, 1] = 2, windows + 10
-        path = folder / f"train-{s:05d}.parquet"
-        with ShardWriter(path, with_meta(schema, meta), GROUP) as w:
-            w.write(encode(windows, ids, np.zeros(ROWS, bool), schema))
-        records.append(shard_record(path, ROWS, SEQ, max_id=int(ids.max())))
-    write_manifest(folder, meta, records, TokensStats(max_id=1000))
-    return folder
+    folder.mkdir()
+    return token_split(folder, SHARDS, ROWS, GROUP)
 
 
 def direct_rows(folder):

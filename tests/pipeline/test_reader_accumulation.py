@@ -17,10 +17,7 @@ import pytest
 
 from pipeline.reader import ReaderConfig, ShardStream
 from pipeline.runtime import Runtime
-from pipeline.shards import ShardWriter
-from schemas.common import with_meta
-from schemas.manifest import TokensStats, shard_record, write_manifest
-from schemas.tokens import TokensMeta, encode, token_schema
+from tests.pipeline.test_reader import token_split
 
 SEQ, SHARDS, ROWS, GROUP = 8, 4, 24, 4
 ACCUM, BATCH = 3, 2  # per rank: 3 micro-batches of 2 windows a step
@@ -29,19 +26,8 @@ ACCUM, BATCH = 3, 2  # per rank: 3 micro-batches of 2 windows a step
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     folder = tmp_path_factory.mktemp("accum") / "train"
-    meta = TokensMeta(seq_len=SEQ, vocab_size=1000, tokenizer_fingerprint="x", corpus="synthetic", split="train")
-    schema = token_schema(SEQ)
-    records = []
-    for s in range(SHARDS):
-        windows = np.arange(s * ROWS, (s + 1) * ROWS)
-        ids = np.full((ROWS, SEQ + 1), 7, dtype=np.int32)
-        ids[:, 0], ids[:, 1] = 2, windows + 10
-        path = folder / f"train-{s:05d}.parquet"
-        with ShardWriter(path, with_meta(schema, meta), GROUP) as w:
-            w.write(encode(windows, ids, np.zeros(ROWS, bool), schema))
-        records.append(shard_record(path, ROWS, SEQ, max_id=int(ids.max())))
-    write_manifest(folder, meta, records, TokensStats(max_id=1000))
-    return folder
+    folder.mkdir()
+    return token_split(folder, SHARDS, ROWS, GROUP, SEQ)
 
 
 def _stored(folder) -> dict[int, tuple[int, ...]]:
