@@ -9,7 +9,9 @@
 #      sizes 1 .. CAPTURE_BATCH + 1 (the last batch padded); the head at the 27B's shape before / after
 #      issue 21's fix (peak / one float32 chunk buffer, target ≤ 1.8);
 #   3. benchmarks/head_memory.py: stage one's head peak memory at chunk 2048 × vocab 256000;
-#   4. the teacher (gemma-2-2b, gemma-2-9b at SEQ_LEN 4096) and student-step (2B) benchmarks.
+#   4. benchmarks/gpu_checks.py --only data_wait: real 2B optimizer steps at grad_accum 16 × batch 2 × 4096 fed by
+#      the streaming reader from a synthetic cache of the recipe's shape: the share of a step spent waiting for data;
+#   5. the teacher (gemma-2-2b, gemma-2-9b at SEQ_LEN 4096) and student-step (2B) benchmarks.
 # A failing or overrunning part does not stop the next; the script exits 1 if any failed. JSON in $WORK/bench.
 #   benchmarks/gpu.sh          on a GPU
 #   benchmarks/gpu.sh --toy    parts 1-3 at toy sizes on the CPU (checks the script runs; measures nothing)
@@ -44,6 +46,7 @@ fi
 
 part "pytest -m gpu" 120 "$PY" -m pytest -q -m gpu tests
 part "gpu_checks" 240 "$PY" -m benchmarks.gpu_checks --work "$WORK" $TOY
+part "data wait" 120 "$PY" -m benchmarks.gpu_checks --work "$WORK" --only data_wait $TOY
 if [ -z "$TOY" ]; then
   part "head_memory" 45 "$PY" -m benchmarks.head_memory --vocab 256000 --chunk 2048
   part "teacher + student benchmarks" 300 "$PY" -m benchmarks.run --gpu --work "$WORK" --only teacher student

@@ -13,6 +13,12 @@ sizes on the CPU (to check the script, not to measure anything).
    CAPTURE_BATCH as stage one pads a shard's last batch): one set of graphs below CAPTURE_BATCH.
 5. head: stage one's head at the 27B's shape (V 256,000, H 4608, bf16, 4 chunks of 8192) before issue 21's
    fix and after: peak memory as a multiple of one float32 chunk buffer (target ≤ 1.8).
+6. data_wait (`--only data_wait`; gpu.sh runs it as its own part): real optimizer steps of the gemma-2-2b-shape
+   student at grad_accum 16 × batch 2 × T 4096 (2^17 tokens a GPU, the 2B recipe's 2^20 over 8 GPUs) fed
+   by the streaming reader (`pipeline.reader.ShardStream`, default prefetch and shuffle) from a synthetic
+   cache of the recipe's shape (K 64, N 16 tail draws), each micro-batch taken when its turn comes and
+   trained through the trainer's own module (`StudentWithLoss`): the time per step spent waiting for data,
+   as a share of the step (target ≤ 1%).
 
     python -m benchmarks.gpu_checks [--toy] [--only student mask capture] [--work runs/gpu]
 """
@@ -47,10 +53,11 @@ class Sizes:
     mask_batch: int
     windows: int  # capture windows (batch N vs N × batch 1)
     mean_doc: int  # mean document length in the packed rows
+    accum: int = 16  # micro-batches per optimizer step in the data-wait check
 
 
 GPU = Sizes("gemma-2-2b", 256000, batch=2, seq=4096, steps=3, mask_batch=8, windows=8, mean_doc=1200)
-TOY = Sizes("debug", 512, batch=2, seq=96, steps=2, mask_batch=8, windows=8, mean_doc=30)
+TOY = Sizes("debug", 512, batch=2, seq=96, steps=2, mask_batch=8, windows=8, mean_doc=30, accum=4)
 
 
 def packed_rows(rows: int, length: int, vocab: int, mean_doc: int, dev: torch.device, seed: int = 0) -> torch.Tensor:
@@ -257,15 +264,64 @@ def head_regime(s: Sizes, dev: torch.device) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def data_wait(s: Sizes, dev: torch.device) -> dict[str, Any]:
+    """Optimizer steps of grad_accum micro-batches read by the streaming reader as the trainer reads them
+    (each when its turn comes, while the prefetch thread reads ahead): the wait per step, and its share."""
+    import tempfile
+
+    from benchmarks.reader import write_cache
+    from pipeline.reader import ReaderConfig, ShardStream
+    from pipeline.train import StudentWithLoss
+    from schemas.logits import MODE_COLUMNS, to_torch
+
+    topk, samples = (64, 16) if s.model != "debug" else (8, 4)
+    steps = s.steps + 1  # the first compiles
+    with tempfile.TemporaryDirectory(prefix="data_wait_") as tmp:
+        start = time.perf_counter()
+        split = write_cache(Path(tmp), (steps + 1) * s.accum * s.batch, s.seq, s.vocab, topk, samples, shard_windows=32)
+        written = time.perf_counter() - start
+        model = random_model(s.model, s.vocab, dev)
+        model.gradient_checkpointing = True
+        model.train()
+        wrapped = StudentWithLoss(model, LossConfig(kind="kd", target="sampled", loss_chunk=1024))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+        stream = ShardStream(split, MODE_COLUMNS["sampled"], ReaderConfig(batch_size=s.batch))
+        unit = torch.ones((), device=dev)
+        rows = []
+        for step in range(steps):
+            wait, begin = 0.0, time.perf_counter()
+            for _ in range(s.accum):
+                t = time.perf_counter()
+                batch = to_torch(stream.next_batch(), dev)
+                wait += time.perf_counter() - t
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    value = wrapped(batch, unit)
+                value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            seconds = time.perf_counter() - begin
+            rows.append({"step": step, "step_s": seconds, "wait_s": wait, "wait_pct": 100 * wait / seconds,
+                         "tok_s": s.accum * s.batch * s.seq / seconds})
+        stream.close()
+    steady = rows[1:]
+    pct = 100 * sum(r["wait_s"] for r in steady) / sum(r["step_s"] for r in steady)
+    print(table(f"Data wait: {s.model} student, grad_accum {s.accum} × batch {s.batch} × T {s.seq}, K {topk}, "
+                f"N {samples}, streaming reader (cache written in {written:.0f} s); after the first (compiling) step "
+                f"{pct:.2f}% of the step waits for data (target ≤ 1%)", rows))
+    return {"rows": rows, "wait_pct": pct}
+
+
 CHECKS = {"student": student_step, "mask": block_mask_cost, "capture": capture_invariance, "graphs": capture_graphs,
-          "head": head_regime}
+          "head": head_regime, "data_wait": data_wait}
+DEFAULT = ("student", "mask", "capture", "graphs", "head")  # gpu.sh runs data_wait as its own part
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_checks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", action="store_true", help="toy sizes (debug preset, short rows): runs on the CPU")
-    p.add_argument("--only", nargs="+", choices=tuple(CHECKS), default=list(CHECKS))
+    p.add_argument("--only", nargs="+", choices=tuple(CHECKS), default=list(DEFAULT))
     p.add_argument("--work", type=Path, default=Path("runs/gpu"))
     args = p.parse_args()
     dev = device()
@@ -280,7 +336,8 @@ def main() -> None:
         results[name] = CHECKS[name](sizes, dev)
         print(f"{name}: {time.perf_counter() - start:.0f} s")
         reset_peak(dev)
-    save(args.work / "bench", "gpu_checks_toy" if args.toy else "gpu_checks", results)
+    name = "gpu_checks" + ("" if args.only == list(DEFAULT) else "_" + "_".join(args.only)) + ("_toy" if args.toy else "")
+    save(args.work / "bench", name, results)  # gpu.sh's data_wait part writes beside the rest, not over it
 
 
 if __name__ == "__main__":

@@ -36,6 +36,21 @@ def test_student_step_benchmark_runs_every_mode():
     assert all(positive(r["step_s"]) and positive(r["peak_mb"]) for r in rows), rows
 
 
+def test_gpu_data_wait_check_trains_real_steps_from_the_reader():
+    """gpu.sh's data-wait part at toy sizes: every step trains grad_accum micro-batches read by the reader."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks import gpu_checks
+
+    sizes = dataclasses.replace(gpu_checks.TOY, steps=1, accum=2)
+    out = gpu_checks.data_wait(sizes, torch.device("cpu"))
+    assert [r["step"] for r in out["rows"]] == [0, 1]
+    assert all(positive(r["step_s"]) and 0 <= r["wait_s"] < r["step_s"] for r in out["rows"]), out
+    assert 0 <= out["wait_pct"] < 100
+
+
 def test_reader_benchmark_reads_both_column_sets(cache):
     rows = reader.run(cache / "train", student_tok_s=1000.0, batch=2, seconds=0.2)["rows"]
     assert [r["columns"] for r in rows] == ["top-K + tail", "+ tail draws"]
