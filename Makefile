@@ -25,6 +25,7 @@ SETTINGS := \
   FORMAT:tokenize:format MESSAGES_COLUMN:tokenize:messages_column FILTERS:tokenize:filters \
   NEAR_THRESHOLD:tokenize:near_threshold MIN_CHARS:tokenize:min_chars MAX_CHARS:tokenize:max_chars \
   BLOCKLIST:tokenize:blocklist TEXT_DOCS:tokenize:text_docs SKIP_BAD_LINES:tokenize:skip_bad_lines \
+  FILTER_MEMORY_MB:tokenize:filter_memory_mb \
   GEN_TEMPERATURE:generate:temperature SEED:generate:seed \
   TEACHER_PRESET:teacher:preset TEACHER_TOKENS:teacher:max_tokens TEACHER:teacher:teacher \
   BATCH_SIZE:teacher:batch_size PRECISION:teacher:precision SEED:teacher:seed \
@@ -44,8 +45,10 @@ SETTINGS := \
   SELECT:train_student:select \
   SAVE_EVERY_MINUTES:train_student:save_every_minutes MAX_BAD_STEPS:train_student:max_bad_steps \
   TIMEOUT_MINUTES:train_student:timeout_minutes \
+  ONPOLICY:train_student:onpolicy ONPOLICY_FRACTION:train_student:onpolicy_fraction \
+  ALLOW_STALE_ROUNDS:train_student:allow_stale_rounds IS_CLIP:train_student:is_clip INIT_FROM:train_student:init_from \
   CACHE:report:cache TEACHER:report:teacher STUDENT_DIR:report:students \
-  MERGE_OUT:merge:out \
+  MERGE_OUT:merge:out MERGE_WEIGHTS:merge:weights \
   SHARD:inspect:file ROW:inspect:row POS:inspect:pos \
   MODEL:generate:model MAX_NEW_TOKENS:generate:max_new_tokens TOP_P:generate:top_p \
   TEACHER:plan:teacher SEQ_LEN:plan:seq_len CAPTURE_BATCH:plan:capture_batch HEAD_CHUNK:plan:head_chunk \
@@ -53,7 +56,21 @@ SETTINGS := \
   LOGPROB_CODING:plan:logprob_coding LOSS:plan:loss KD_TARGET:plan:kd_target LOSS_CHUNK:plan:loss_chunk \
   BATCH_SIZE:plan:batch_size GRAD_ACCUM:plan:grad_accum BATCH_TOKENS:plan:batch_tokens SHARDING:plan:sharding \
   PRECISION:plan:precision WORLD:plan:world GPU:plan:gpu GPU_MEMORY_GB:plan:gpu_memory_gb MFU:plan:mfu \
-  PLAN_TOKENS:plan:plan_tokens
+  PLAN_TOKENS:plan:plan_tokens \
+  PREFERENCES:reward_model:preferences BASE:reward_model:base REWARD_MODEL:reward_model:out \
+  MAX_STEPS:reward_model:max_steps FILTERS:reward_model:filters BLOCKLIST:reward_model:blocklist NEAR_THRESHOLD:reward_model:near_threshold \
+  MIN_CHARS:reward_model:min_chars MAX_CHARS:reward_model:max_chars \
+  MODEL:rlhf:model REWARD_MODEL:rlhf:reward_model PROMPTS:rlhf:prompts RLHF_OUT:rlhf:out MAX_STEPS:rlhf:max_steps \
+  KL_COEF:rlhf:kl_coef LR:rlhf:lr SEED:rlhf:seed MAX_NEW_TOKENS:rlhf:max_new_tokens \
+  TOKENS:teacher_logits:tokens \
+  MODEL:rollouts:model PROMPTS:rollouts:prompts ROLLOUTS:rollouts:rollouts ROLLOUTS_PER_PROMPT:rollouts:rollouts_per_prompt \
+  MAX_NEW_TOKENS:rollouts:max_new_tokens TOP_P:rollouts:top_p ENGINE:rollouts:engine SEED:rollouts:seed \
+  ROLLOUT_BATCH:rollouts:batch_size FILTERS:rollouts:filters MIN_CHARS:rollouts:min_chars MAX_CHARS:rollouts:max_chars \
+  MODEL:onpolicy:model PROMPTS:onpolicy:prompts TEACHER:onpolicy:teacher ROUNDS:onpolicy:rounds \
+  ROLLOUTS_PER_PROMPT:onpolicy:rollouts_per_prompt MAX_NEW_TOKENS:onpolicy:max_new_tokens TOP_P:onpolicy:top_p \
+  ENGINE:onpolicy:engine ROLLOUT_BATCH:onpolicy:rollout_batch SEED:onpolicy:seed LOSS:onpolicy:loss \
+  ONPOLICY_FRACTION:onpolicy:onpolicy_fraction ALLOW_STALE_ROUNDS:onpolicy:allow_stale_rounds \
+  MAX_TOKENS:onpolicy:max_tokens ONPOLICY_CACHE:onpolicy:cache
 
 # --flag value for each set variable mapped to stage $(1); the demo gets --set stage.flag=value instead.
 _var  = $(word 1,$(subst :, ,$(1)))
@@ -66,7 +83,7 @@ common = --work $(WORK) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint tokens teacher teacher-logits verify train-student report merge inspect demo bench \
-  demo-chat generate plan
+  demo-chat generate plan reward-model rlhf demo-rlhf rollouts onpolicy demo-onpolicy
 
 help: $(VENV)/.installed ## list targets and variables (with their defaults)
 	@echo "targets:"
@@ -124,6 +141,24 @@ generate: $(VENV)/.installed ## sample a reply: MODEL=dir PROMPT="..." (chat tem
 
 plan: $(VENV)/.installed ## trace TEACHER's capture and STUDENTS' steps at full shape on fake GPUs: memory, time, fits (WORLD, GPU)
 	$(PY) -m stages.plan $(common) $(if $(STUDENTS),--student $(STUDENTS)) $(call flags,plan) $(EXTRA)
+
+reward-model: $(VENV)/.installed ## preference pairs (PREFERENCES=file) -> Gemma 2 reward model from BASE=dir with TRL ($(WORK)/reward-model or REWARD_MODEL=; MAX_STEPS)
+	$(LAUNCH) -m stages.reward_model $(common) $(call flags,reward_model) $(EXTRA)
+
+rlhf: $(VENV)/.installed ## RLOO (TRL) of MODEL=dir against REWARD_MODEL=dir on PROMPTS=file, KL_COEF to MODEL ($(WORK)/students/<name>-rlhf or RLHF_OUT=; MAX_STEPS)
+	$(LAUNCH) -m stages.rlhf $(common) $(call flags,rlhf) $(EXTRA)
+
+demo-rlhf: $(VENV)/.installed ## after demo-chat: preferences -> reward model -> RLHF of the chat KD student -> merge with it, in $(WORK)/chat
+	$(PY) -m stages.demo_rlhf --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(sets) $(EXTRA)
+
+rollouts: $(VENV)/.installed ## a model's own sampled replies: MODEL=dir PROMPTS=file.jsonl -> chat token shards with behaviour_logprob ($(WORK)/rollouts or ROLLOUTS=); ranks under LAUNCH
+	$(LAUNCH) -m stages.rollouts $(common) $(call flags,rollouts) $(EXTRA)
+
+onpolicy: $(VENV)/.installed ## ROUNDS=R of rollouts -> teacher-logits -> train-student from MODEL=dir on PROMPTS=file, TEACHER scores ($(WORK)/onpolicy/round-r); resumable
+	$(PY) -m stages.onpolicy $(common) --launch "$(LAUNCH)" $(call flags,onpolicy) $(EXTRA)
+
+demo-onpolicy: $(VENV)/.installed ## after demo-chat: the chat KD student continued on-policy vs off-policy, same teacher-token budget ($(WORK)/chat/onpolicy-demo)
+	$(PY) -m stages.demo_onpolicy --work $(WORK) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)
 
 bench: $(VENV)/.installed ## benchmarks (CPU part; benchmarks/gpu.sh on a GPU)
 	$(PY) -m benchmarks.run --work $(WORK) $(EXTRA)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import fidelity, reader, restart, storage, student_step, teacher
+from benchmarks import fidelity, filters, reader, restart, storage, student_step, teacher
 from benchmarks import tokenize as tokenize_bench
 from benchmarks.common import save
 from pipeline.layout import Layout
@@ -38,14 +38,15 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="the GPU shapes (needs CUDA)")
     p.add_argument("--with-27b", action="store_true")
     p.add_argument("--only", nargs="+", choices=("teacher", "student", "reader", "fidelity", "storage", "tokenize",
-                                                 "restart"))
+                                                 "restart", "filters"))
     p.add_argument("--big-gb", type=float, default=1.0, help="tokenize: size of the single-file corpus")
     p.add_argument("--restart-shards", type=int, default=100_000, help="restart: shards of the synthetic cache")
+    p.add_argument("--filter-documents", type=int, default=100_000, help="filters: documents of the synthetic corpus")
     args = p.parse_args()
     out = Layout(args.work).bench
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"benchmarks on {machine}, torch {torch.__version__}")
-    only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize", "restart"))
+    only = set(args.only or ("teacher", "student", "reader", "fidelity", "storage", "tokenize", "restart", "filters"))
     start = time.perf_counter()
     tok = _tokenizer(args.work)
     student_tok_s = None
@@ -81,6 +82,12 @@ def main() -> None:
     if "restart" in only and not args.gpu:  # stage one's control plane: CPU and file-system work
         save(out, "restart", {"machine": machine, **restart.run(tok, args.restart_shards),
                               "verify": restart.verify_rates()})
+    if "filters" in only and not args.gpu:  # the partitioned duplicate filters: CPU and file-system work
+        result = filters.run(args.filter_documents)
+        print(f"\nFilters: {result['documents']:,} documents, {result['partitions']} partitions: "
+              f"{result['docs_per_s']['partitions']:,} documents/s deciding, peak {result['peak_partition_mb']} MB "
+              f"of {result['memory_mb']} MB, {result['record_bytes_on_disk_per_doc']} B/document of records")
+        save(out, "filters", {"machine": machine, **result})
     print(f"\nbenchmarks done in {time.perf_counter() - start:.0f} s; JSON in {out}")
 
 

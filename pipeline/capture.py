@@ -95,7 +95,7 @@ from schemas.manifest import (
     write_manifest,
     write_record,
 )
-from schemas.tokens import TokensMeta, validate_token_shard
+from schemas.tokens import BEHAVIOUR, TokensMeta, validate_token_shard
 
 STATS_KEY = b"distill.stats"
 HASH_CACHE = ".teacher_hashes.json"  # beside the teacher (else in the cache folder): file hashes by (path, size, mtime)
@@ -228,6 +228,13 @@ def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str,
     return manifests
 
 
+def token_splits(tokens: Path) -> tuple[str, ...]:
+    """The splits of a tokens folder to capture: train and val, or train alone when there is no val folder at
+    all (rollouts: `make rollouts` writes train only). A val folder without its manifest is an unfinished
+    split: still an error, where its manifest is read."""
+    return SPLITS if (tokens / "val").exists() or not (tokens / "train").is_dir() else ("train",)
+
+
 def limit_shards(manifest: Manifest, tokens: int) -> Manifest:
     """The leading shards that cover `tokens` (whole shards, so every cached shard has its source's name);
     says how many tokens that is when it rounds up."""
@@ -250,7 +257,7 @@ def expected_meta(token_meta: TokensMeta, shard: ShardRecord, teacher_fp: str, v
         sample_seed=cfg.topk.sample_seed, tokenizer_fingerprint=token_meta.tokenizer_fingerprint,
         teacher_fingerprint=teacher_fp, source_shard=shard.file, source_sha256=shard.sha256, split=split,
         corpus=token_meta.corpus, format=token_meta.format, temperature=cfg.topk.temperature, capture_dtype=dtype,
-        **dataclasses.asdict(cfg.encoding()), sampling=cfg.topk.sampling,
+        **dataclasses.asdict(cfg.encoding()), sampling=cfg.topk.sampling, rollouts=token_meta.rollouts,
     )
 
 
@@ -319,14 +326,15 @@ def _capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime
              run: str) -> dict[str, Manifest] | None:
     if cfg.topk.samples > 65535:
         raise PipelineError(f"--samples {cfg.topk.samples}: at most 65535 draws per position (uint16 counts)")
-    manifests = check_teacher_matches_tokens(teacher, tokens, SPLITS)
+    splits = token_splits(tokens)
+    manifests = check_teacher_matches_tokens(teacher, tokens, splits)
     if cfg.cache_tokens:
         manifests["train"] = limit_shards(manifests["train"], cfg.cache_tokens)
     vocab = load_config(teacher).vocab_size
     if not 0 <= cfg.topk.topk <= vocab:
         raise PipelineError(f"--topk {cfg.topk.topk}: must be between 0 and the teacher's vocab_size {vocab}")
     dtype = resolve_dtype(cfg, runtime.device)
-    for split in SPLITS:
+    for split in splits:
         (out / split).mkdir(parents=True, exist_ok=True)
         (out / RECORDS / split).mkdir(parents=True, exist_ok=True)
     failure_record(out, runtime.rank).unlink(missing_ok=True)
@@ -334,12 +342,12 @@ def _capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime
     def jobs_for(teacher_fp: str) -> list[Job]:
         return [Job(tokens / split / shard.file, out / split / shard.file,
                     expected_meta(manifests[split].meta, shard, teacher_fp, vocab, cfg, split, dtype_name(dtype)), shard)
-                for split in SPLITS for shard in manifests[split].shards]
+                for split in splits for shard in manifests[split].shards]
 
     if runtime.is_main:
         teacher_fp = model_fingerprint(teacher, file_hash=teacher_hashes(teacher, out))
         jobs = jobs_for(teacher_fp)
-        todo, kept, known = plan(out, jobs, cfg)
+        todo, kept, known = plan(out, jobs, cfg, splits)
         if runtime.world > 1:
             write_json(out / PLAN, {"run": run, "teacher_fingerprint": teacher_fp, "todo": todo})
     else:
@@ -354,33 +362,33 @@ def _capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime
     _wait_for(pending, out, run, runtime.world, cfg.poll_s)
     shutil.copyfile(teacher / "tokenizer.model", out / "tokenizer.model")
     manifests = {split: kept.get(split) or _write_split_manifest(out, split, [j for j in jobs if j.meta.split == split],
-                                                                 cfg, known) for split in SPLITS}
+                                                                 cfg, known) for split in splits}
     for rank in range(1, runtime.world):
         failure_record(out, rank).unlink(missing_ok=True)  # every shard is complete: older records are moot
     return manifests
 
 
-def plan(out: Path, jobs: list[Job],
-         cfg: CaptureConfig) -> tuple[list[int], dict[str, Manifest], dict[str, CaptureRecord]]:
+def plan(out: Path, jobs: list[Job], cfg: CaptureConfig,
+         splits: tuple[str, ...] = SPLITS) -> tuple[list[int], dict[str, Manifest], dict[str, CaptureRecord]]:
     """Rank 0, before any rank writes: the indices of the jobs to do, the manifests that stay as they are, and
     the capture records it read. One listing of each split folder and of each record folder. A finished cache
     (every record listed, every manifest current) is left as it is: nothing per shard is opened or stat'ed.
     Otherwise (a restart with work) each listed shard is stat'ed against its record once, here on rank 0 (the
     records serve the manifests at the end): a shard whose bytes changed since its capture is captured again.
     A cache written before capture records has its records made once from its manifest and footers."""
-    shards = {split: list_names(out / split) for split in SPLITS}
-    records = {split: list_names(out / RECORDS / split) for split in SPLITS}
-    for split in SPLITS:  # what killed writers left: stale, as no rank writes before the plan exists
+    shards = {split: list_names(out / split) for split in splits}
+    records = {split: list_names(out / RECORDS / split) for split in splits}
+    for split in splits:  # what killed writers left: stale, as no rank writes before the plan exists
         for folder, names in ((out / split, shards[split]), (out / RECORDS / split, records[split])):
             for name in stale_tmp(names):
                 _remove(folder / name)
     wanted = {j.meta.split: j.meta.shared() for j in jobs}
     if not cfg.overwrite:
         refuse_replacing(out, wanted)
-    old = {split: _old_manifest(out / split) for split in SPLITS}
+    old = {split: _old_manifest(out / split) for split in splits}
     listed = [j.target.name in shards[j.meta.split] and j.record_name in records[j.meta.split] for j in jobs]
     current = {}
-    for split in SPLITS:
+    for split in splits:
         mine = sorted((j.target.name, j.record.rows) for j in jobs if j.meta.split == split)
         manifest = old[split]
         current[split] = (manifest is not None and manifest.meta == wanted.get(split)
@@ -398,7 +406,7 @@ def plan(out: Path, jobs: list[Job],
         else:
             known[job.record_name] = record
     by_shard: dict[tuple[str, str], list[str]] = {}
-    for split in SPLITS:
+    for split in splits:
         for name in records[split]:
             by_shard.setdefault((split, record_file(name) or ""), []).append(name)
     for i in todo:  # a shard to redo counts as complete only once its new record is written
@@ -407,7 +415,7 @@ def plan(out: Path, jobs: list[Job],
             (out / RECORDS / split / name).unlink(missing_ok=True)
     busy = {jobs[i].meta.split for i in todo}
     kept = {}
-    for split in SPLITS:
+    for split in splits:
         if split not in busy and current[split]:
             kept[split] = old[split]  # finished, and every shard as its record says: kept as it is
         else:
@@ -614,14 +622,17 @@ def _capture_shard(model: torch.nn.Module, source: Path, target: Path, meta: Log
     chat = meta.format == "chat"
     table = pq.read_table(source)
     seq_len, k = meta.seq_len, meta.topk
-    columns = decode(table, ("window", "input_ids", "continued", "label_mask") + (("loss_mask",) if chat else ()))
+    behaviour = meta.rollouts is not None  # rollouts: the sampling model's log-probs pass through unchanged
+    columns = decode(table, ("window", "input_ids", "continued", "label_mask") + (("loss_mask",) if chat else ())
+                     + ((BEHAVIOUR,) if behaviour else ()))
     ids, windows, mask = columns["input_ids"], columns["window"], columns["label_mask"]
     schema, encoding = schema_of(meta), meta.encoding
     stats = ShardStats()
 
     def write(targets: Targets, rows: slice) -> None:  # on the background thread
         writer.write(encode(targets, windows[rows], ids[rows], columns["continued"][rows], schema,
-                            columns["loss_mask"][rows] if chat else None, encoding))
+                            columns["loss_mask"][rows] if chat else None, encoding,
+                            columns[BEHAVIOUR][rows] if behaviour else None))
         stats.add(targets, mask[rows])
 
     with ShardWriter(target, with_meta(schema, meta), rows_per_group(row_bytes(seq_len, k, meta.samples), seq_len),

@@ -67,8 +67,10 @@ class CorpusSpec:
     text_column: str = setting("text", "the text column of JSON lines, tables and datasets")
     dataset_split: str = setting("train", "the split of a Hugging Face dataset to read")
     format: str = setting("text", "text: documents; chat: conversations (a messages list of {role, content}, or "
-                                  "prompt/response columns) in Gemma's chat template, only model turns trained",
-                          choices=FORMATS)
+                                  "prompt/response columns) in Gemma's chat template, only model turns trained; "
+                                  "preference: prompt/chosen/rejected pairs for `make reward-model` "
+                                  "(pipeline/preferences.py), written to WORK/preferences",
+                          choices=(*FORMATS, "preference"))
     messages_column: str = setting("messages", "chat: the column holding each conversation's messages list")
     skip_bad_lines: int = setting(0, "1: skip malformed JSON lines and conversations (each named on stderr, "
                                      "counted as bad_lines in the train manifest's stats.filters) instead of stopping")

@@ -19,16 +19,19 @@ the manifest (`stats.filters`):
 
 Scrubbing rewrites a text where it is read. The dropping filters decide per document, but a document may
 come in pieces and duplicates are found across the whole corpus, so they run as a pre-pass
-(pipeline/tokens.py): each work unit's documents are sketched in parallel (`sketch_text`/`sketch_chat` →
-one row of `Sketches` per document), one process then decides in unit order — first occurrence wins —
-(`decide`), and tokenization skips what was dropped. So the decisions depend on the input and these
-settings alone, never on WORKERS or the rank count.
+(pipeline/tokens.py): each work unit's documents are sketched in parallel (`Sketch`/`sketch_chat` →
+one row of `Sketches` per document; `write_unit` stores the unit's own length/blocklist codes, its records
+(key, doc, slot) sorted by the key's top bits, and its signatures), then the decision is cut by hash into
+`Layout.partitions` jobs (`decide_partition`: first occurrence in global (unit, doc) order wins) and
+`Layout.groups` jobs by unit range (`gather_group`: each unit's decisions), spread over every process, and
+tokenization skips what was dropped. The decisions depend on the input and these settings alone, never on
+WORKERS, the rank count or the partition count (tests/pipeline/test_filter_partitions.py compares them with
+one process deciding everything, on chains of near duplicates).
 
-Memory of the deciding process (rank 0), per document: its 64-bit hash, length, flags and LSH band hashes
-(8 bytes × bands: 9 bands at the default threshold), 90 bytes, plus ~200 bytes of working memory while
-deciding (the columns joined across units, np.unique's sort): about 300 bytes, so 3 GB for 10^7 documents
-(measured: 1.7 s and 196 B/doc of peak working memory for 10^6 documents). The signatures (4 bytes ×
-NUM_PERM = 512 bytes a document) stay on disk, memory-mapped; only the rows of colliding pairs are read.
+Memory per deciding job: at most `--filter-memory-mb` (its `budget` of records at RECORD_BYTES each, a
+quarter kept for the signature rows of candidate pairs): measured 83 bytes of peak traced memory per record
+held (benchmarks/filters.py). On disk: 13 bytes a record, 10 records a document at the default threshold (1
+exact hash, 9 bands), 512 bytes of signature a document; no file stays open or mapped between reads.
 Sketching runs at ~9 MB/s of text per process, scrubbing at ~7 MB/s (2-core CPU, stdlib sources).
 """
 
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import os
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -47,6 +52,7 @@ import numpy as np
 
 from pipeline.chat import Turn, render
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_path
 from pipeline.settings import setting
 
 SWITCHED = ("exact", "near", "pii")  # what --filters names; length and blocklist are on when given bounds / a file
@@ -69,6 +75,8 @@ class FilterConfig:
     max_chars: int = setting(0, "drop documents (conversations: their contents) longer than this (0: no bound)")
     blocklist: str = setting("", "file of phrases, one a line: a document (a conversation: its model turns) "
                                  "holding one is dropped")
+    filter_memory_mb: float = setting(1024.0, "duplicate filters: memory per deciding process (MiB); the decisions "
+                                              "are cut into as many hash partitions as that needs (same output)")
 
     def resolve(self, fmt: str) -> Filters:
         names = CHAT_DEFAULT if self.filters == "auto" and fmt == "chat" else () if self.filters in ("auto", "none", "") \
@@ -88,8 +96,9 @@ class FilterConfig:
             active.append("length")
         if phrases:
             active.append("blocklist")
+        Layout.plan(1, 0, 0, self.filter_memory_mb)  # a budget too small for one record is refused here
         return Filters(tuple(active), self.near_threshold if "near" in active else None, self.min_chars,
-                       self.max_chars, phrases)
+                       self.max_chars, phrases, self.filter_memory_mb)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class Filters:
     min_chars: int = 0
     max_chars: int = 0
     phrases: tuple[str, ...] = ()
+    memory_mb: float = 1024.0  # per deciding process; not in `describe`: the decisions do not depend on it
 
     @property
     def drops(self) -> bool:
@@ -404,56 +414,313 @@ class Sketches:
         return out
 
 
-# ---------------------------------------------------------------- the decision, in unit order
+# ---------------------------------------------------------------- the decision, partitioned by hash
+#
+# Every document that survives its unit's own filters (length, blocklist) gives records (key, doc, slot):
+# slot EXACT_SLOT its exact hash, slot j (near) its band j's hash, and empty documents no band records. A
+# unit writes them sorted by the key's top FANOUT_BITS bits, with the offset of each of those fine buckets, so
+# a partition (a run of fine buckets) is one read per unit. Partition p then goes through the units in unit
+# order holding, per slot, each key's first position (unit << 32 | doc): a later record of an exact key is an
+# exact duplicate; a later record of a band key is a candidate pair with that first position, dropped when
+# their signatures agree on at least the threshold's share of their NUM_PERM values — the rule of one process
+# deciding everything at once: a document is a near duplicate when in one of its band buckets the earliest
+# document (kept or not) is that similar to it.
+#
+# The band buckets hold the exact duplicates too (one process excluded them first): the earliest document of a
+# bucket is never one, since its original has the same normalised words, so the same signature and buckets,
+# and comes first; the buckets' earliest documents, so every decision, are the same (unless two different
+# texts share a 64-bit exact hash, where the one process also dropped the later as an exact duplicate).
+
+FANOUT_BITS = 12
+FANOUT = 1 << FANOUT_BITS  # fine buckets per unit key file: the most partitions there can be
+EXACT_SLOT = 255  # a record's slot: the exact hash, or band j < 255 (lsh_params gives at most NUM_PERM bands)
+RECORD = np.dtype([("key", "<u8"), ("doc", "<u4"), ("slot", "u1")])  # 13 bytes a record on disk
+DROP = np.dtype([("pos", "<u8"), ("code", "i1")])
+# Memory of a partition job per record it holds (its first-position state and the batch of units being merged,
+# with numpy's sort temporaries), measured by benchmarks/filters.py (peak traced bytes / records held).
+RECORD_BYTES = 96
+DOC_BYTES = 48  # a gathering job per document of its units (codes, drops and their sort)
+SIG_BYTES = 4 * NUM_PERM
+SPAN_READ = 16  # signature rows read for one wanted, at most, where one read of a span beats a read a row
+SKETCH, PARTS, GROUPS, DECISIONS = "sketch", "part", "groups", "decisions"
 
 
-def decide(units: Sequence[dict[str, np.ndarray]], filters: Filters) -> list[np.ndarray]:
-    """Per unit, per document, a code (KEEP or what dropped it). `units` in unit order, each the arrays of
-    `Sketches.arrays` except `sig`, which may be a memory map (only colliding rows are read)."""
-    sizes = [len(u["hash"]) for u in units]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    n = int(offsets[-1])
+@dataclass(frozen=True)
+class Layout:
+    """How the decision is cut: `partitions` jobs by hash (a power of two up to FANOUT), each holding at most
+    `budget` records, then `groups` jobs by unit range writing each unit's decisions."""
+
+    units: int
+    partitions: int
+    groups: int
+    budget: int
+    memory_mb: float
+
+    @classmethod
+    def plan(cls, units: int, records: int, documents: int, memory_mb: float) -> Layout:
+        """Each partition's expected records at most half its budget (the keys it has seen, and the batch it
+        merges into them). It depends on the sketches and the budget only, not on the process count, so every
+        file the pre-pass writes is the same whatever WORKERS and ranks (the jobs go round-robin to them)."""
+        memory = memory_mb * (1 << 20)
+        budget = int(memory * 3 / 4) // RECORD_BYTES  # the rest: signature rows of candidate pairs
+        if budget < 1:
+            raise PipelineError(f"--filter-memory-mb {memory_mb}: too small for one record; give at least 0.001")
+        wanted = max(1, math.ceil(2 * records / budget))
+        partitions = 1 << (wanted - 1).bit_length()
+        if partitions > FANOUT:
+            raise PipelineError(f"--filter-memory-mb {memory_mb}: {records} filter records need "
+                                f"{math.ceil(2 * records / budget)} partitions, at most {FANOUT} exist; raise it "
+                                f"to at least {math.ceil(memory_mb * partitions / FANOUT)}")
+        groups = max(1, min(units, math.ceil(documents * DOC_BYTES / memory)))
+        return cls(units, partitions, groups, budget, memory_mb)
+
+    def buckets(self, part: int) -> tuple[int, int]:
+        return part * FANOUT // self.partitions, (part + 1) * FANOUT // self.partitions
+
+    def unit_range(self, group: int) -> tuple[int, int]:
+        return group * self.units // self.groups, (group + 1) * self.units // self.groups
+
+    def pairs_per_chunk(self) -> int:
+        """Candidate pairs verified at once: a quarter of the memory, at two signature rows a pair and up to
+        SPAN_READ times that read where a unit's rows are dense."""
+        return max(64, int(self.memory_mb * (1 << 20) / 4) // (2 * (SPAN_READ + 1) * SIG_BYTES))
+
+
+def _path(folder: Path, kind: str, index: int, suffix: str = ".npy") -> Path:
+    return folder / kind / f"{index:06d}{suffix}"
+
+
+def local_codes(arrays: dict[str, np.ndarray], filters: Filters) -> np.ndarray:
+    """A unit's own decisions: LENGTH and BLOCKLIST (the rest KEEP until the partitions decide)."""
+    n = len(arrays["hash"])
     codes = np.zeros(n, np.int8)
-    if n == 0:
-        return [codes[:0] for _ in units]
     if "length" in filters.active:
-        lengths = np.concatenate([u["length"] for u in units])
-        short = lengths < filters.min_chars
-        long = lengths > filters.max_chars if filters.max_chars else np.zeros(n, bool)
+        short = arrays["length"] < filters.min_chars
+        long = arrays["length"] > filters.max_chars if filters.max_chars else np.zeros(n, bool)
         codes[short | long] = LENGTH
     if "blocklist" in filters.active:
-        codes[(codes == KEEP) & np.concatenate([u["blocked"] for u in units])] = BLOCKLIST
+        codes[(codes == KEEP) & arrays["blocked"]] = BLOCKLIST
+    return codes
+
+
+def unit_records(arrays: dict[str, np.ndarray], filters: Filters, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unit's records sorted by fine bucket, and the FANOUT + 1 offsets of the buckets."""
+    alive = np.flatnonzero(codes == KEEP).astype(np.uint32)
+    parts: list[tuple[np.ndarray, np.ndarray, int]] = []
     if "exact" in filters.active:
-        alive = np.flatnonzero(codes == KEEP)
-        _, first = np.unique(np.concatenate([u["hash"] for u in units])[alive], return_index=True)
-        dup = np.ones(len(alive), bool)
-        dup[first] = False  # np.unique's index is each value's first occurrence: the earliest document
-        codes[alive[dup]] = EXACT
+        parts.append((arrays["hash"][alive], alive, EXACT_SLOT))
     if filters.near_threshold:
-        _near(units, offsets, codes, filters.near_threshold)
-    return [codes[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        shingled = alive[arrays["nonempty"][alive]]
+        parts += [(arrays["bands"][shingled, j], shingled, j) for j in range(arrays["bands"].shape[1])]
+    records = np.zeros(sum(len(d) for _, d, _ in parts), RECORD)
+    at = 0
+    for keys, docs, slot in parts:
+        records["key"][at : at + len(docs)], records["doc"][at : at + len(docs)] = keys, docs
+        records["slot"][at : at + len(docs)] = slot
+        at += len(docs)
+    bucket = records["key"] >> np.uint64(64 - FANOUT_BITS)
+    order = np.argsort(bucket, kind="stable")
+    offsets = np.searchsorted(bucket[order], np.arange(FANOUT + 1, dtype=np.uint64)).astype(np.int64)
+    return records[order], offsets
 
 
-def _near(units: Sequence[dict[str, np.ndarray]], offsets: np.ndarray, codes: np.ndarray, threshold: float) -> None:
-    alive = np.flatnonzero((codes == KEEP) & np.concatenate([u["nonempty"] for u in units]))
-    bands = np.concatenate([u["bands"] for u in units])[alive]
-    dup = np.zeros(len(alive), bool)
-    for j in range(bands.shape[1]):
-        _, first, inverse = np.unique(bands[:, j], return_index=True, return_inverse=True)
-        rep = first[inverse.reshape(-1)]  # the earliest document of each one's bucket
-        pairs = np.flatnonzero((rep != np.arange(len(alive))) & ~dup)
-        for a in range(0, len(pairs), 1 << 16):  # bounded: 2 × 64k signature rows at a time
-            chunk = pairs[a : a + (1 << 16)]
-            same = (_rows(units, offsets, alive[rep[chunk]]) == _rows(units, offsets, alive[chunk])).mean(axis=1)
-            dup[chunk[same >= threshold]] = True
-    codes[alive[dup]] = NEAR
+def write_unit(folder: Path, index: int, arrays: dict[str, np.ndarray], filters: Filters) -> dict[str, int]:
+    """A unit's sketch files under `folder/sketch/`: its own codes, its records by fine bucket and, with
+    `near`, its signatures (read only for candidate pairs). Returns its counts."""
+    codes = local_codes(arrays, filters)
+    records, offsets = unit_records(arrays, filters, codes)
+    _save(_path(folder, SKETCH, index, ".codes.npy"), codes)
+    _save(_path(folder, SKETCH, index, ".keys.npy"), offsets, records)
+    if filters.near_threshold:
+        _save(_path(folder, SKETCH, index, ".sig.npy"), arrays["sig"])
+    return {"documents": len(codes), "records": len(records)}
 
 
-def _rows(units: Sequence[dict[str, np.ndarray]], offsets: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Signature rows of global document indices, gathered unit by unit (memory maps read only these)."""
-    out = np.zeros((len(index), units[0]["sig"].shape[1]), np.uint32)
-    unit = np.searchsorted(offsets, index, side="right") - 1
-    for u in np.unique(unit):
-        where = np.flatnonzero(unit == u)
-        out[where] = units[u]["sig"][index[where] - offsets[u]]
+def _save(path: Path, *arrays: np.ndarray) -> None:
+    """.npy arrays one after the other in one file, written under a temporary name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for a in arrays:
+            np.save(f, a, allow_pickle=False)
+
+
+def _data_at(f: Any, at: int) -> int:
+    """Where the data of the .npy array whose header starts at byte `at` begins (the caller knows its dtype and
+    row width: the header is not parsed)."""
+    head = os.pread(f.fileno(), 12, at)
+    if head[:6] != b"\x93NUMPY":
+        raise PipelineError(f"{f.name}: not a .npy array at byte {at}; delete the folder's filters/ and rerun")
+    return at + 10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else \
+        at + 12 + int.from_bytes(head[8:12], "little")
+
+
+def _read(f: Any, dtype: np.dtype, data: int, start: int, count: int, width: int = 1) -> np.ndarray:
+    """Rows [start, start + count) of `width` values of the array whose data begins at byte `data` (one
+    positioned read)."""
+    size = width * dtype.itemsize
+    out = np.frombuffer(os.pread(f.fileno(), count * size, data + start * size), dtype)
+    return out.reshape(count, width) if width > 1 else out
+
+
+def _slice(path: Path, offsets: int, dtype: np.dtype, index: int, total: int) -> np.ndarray:
+    """From a file of `offsets` int64 offsets then rows of `dtype`: the rows between offsets[index] and
+    offsets[index + total] (opened, read, closed)."""
+    with open(path, "rb", buffering=0) as f:
+        data = _data_at(f, 0)
+        bounds = _read(f, np.dtype(np.int64), data, index, total + 1)
+        rows = _data_at(f, data + offsets * 8)
+        return _read(f, dtype, rows, int(bounds[0]), int(bounds[-1] - bounds[0]))
+
+
+def signature_rows(folder: Path, positions: np.ndarray) -> np.ndarray:
+    """The signatures of documents at `positions` (unit << 32 | doc), read from each unit's file (opened,
+    read and closed: no memory map stays open): one read of the span of a unit's rows where they are dense
+    (at most SPAN_READ rows read a row wanted), else one positioned read a row."""
+    out = np.zeros((len(positions), NUM_PERM), np.uint32)
+    units = positions >> np.uint64(32)
+    order = np.argsort(units, kind="stable")
+    bounds = np.searchsorted(units[order], np.unique(units), side="right")
+    for where in np.split(order, bounds[:-1]):
+        unit = int(units[where[0]])
+        rows, inverse = np.unique((positions[where] & np.uint64(0xFFFFFFFF)).astype(np.int64), return_inverse=True)
+        with open(_path(folder, SKETCH, unit, ".sig.npy"), "rb", buffering=0) as f:
+            data, u32 = _data_at(f, 0), np.dtype(np.uint32)
+            span = int(rows[-1] - rows[0] + 1)
+            if span <= SPAN_READ * len(rows):
+                got = _read(f, u32, data, int(rows[0]), span, NUM_PERM)[rows - rows[0]]
+            else:
+                got = np.concatenate([_read(f, u32, data, int(r), 1, NUM_PERM) for r in rows])
+        out[where] = got[inverse.reshape(-1)]
     return out
+
+
+def decide_partition(folder: Path, part: int, layout: Layout, filters: Filters) -> dict[str, int]:
+    """Partition `part`'s decisions: reads its fine buckets of every unit, in unit order, and writes the
+    dropped positions with their code (`folder/part/`), cut by the layout's unit groups. Returns its counts
+    (`held`: the most records it held at once, at most `layout.budget`)."""
+    lo, hi = layout.buckets(part)
+    state: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot → (keys sorted, their first positions)
+    batch: list[tuple[int, np.ndarray]] = []
+    counts = {"records": 0, "held": 0, "pairs": 0}
+    drops: list[tuple[np.ndarray, int]] = []
+
+    def merge() -> None:
+        if batch:
+            _merge(folder, batch, state, drops, counts, layout, filters)
+            batch.clear()
+
+    seen = pending = 0  # keys in the state; records in the batch
+    for unit in range(layout.units):
+        records = _slice(_path(folder, SKETCH, unit, ".keys.npy"), FANOUT + 1, RECORD, lo, hi - lo)
+        if seen + pending + len(records) > layout.budget:
+            merge()
+            seen, pending = sum(len(k) for k, _ in state.values()), 0
+            if seen + len(records) > layout.budget:
+                raise PipelineError(f"filter partition {part}: {seen + len(records)} records (unit {unit}) exceed the "
+                                    f"{layout.budget} that --filter-memory-mb {layout.memory_mb} allows; raise it (or "
+                                    "lower --unit-bytes)")
+        batch.append((unit, records))
+        pending += len(records)
+        counts["records"] += len(records)
+        counts["held"] = max(counts["held"], seen + pending)
+    merge()
+    pos = np.concatenate([p for p, _ in drops] + [np.zeros(0, np.uint64)])
+    code = np.concatenate([np.full(len(p), c, np.int8) for p, c in drops] + [np.zeros(0, np.int8)])
+    order = np.lexsort((code, pos))  # by position; exact before near where both dropped it
+    first = np.r_[True, pos[order][1:] != pos[order][:-1]] if len(pos) else np.zeros(0, bool)
+    out = np.zeros(int(first.sum()), DROP)
+    out["pos"], out["code"] = pos[order][first], code[order][first]
+    bounds = np.array([layout.unit_range(g)[0] for g in range(layout.groups)] + [layout.units], np.uint64)
+    _save(_path(folder, PARTS, part), np.searchsorted(out["pos"], bounds << np.uint64(32)).astype(np.int64), out)
+    return {**counts, "drops": len(out)}
+
+
+def _merge(folder: Path, batch: list[tuple[int, np.ndarray]], state: dict[int, tuple[np.ndarray, np.ndarray]],
+           drops: list[tuple[np.ndarray, int]], counts: dict[str, int], layout: Layout, filters: Filters) -> None:
+    """Merges a batch of consecutive units into the first positions: what comes after a key's first is
+    dropped (exact) or a candidate pair (band)."""
+    records = np.concatenate([r for _, r in batch])
+    pos = np.concatenate([(np.uint64(u) << np.uint64(32)) | r["doc"].astype(np.uint64) for u, r in batch])
+    later, firsts = [], []
+    for slot in np.unique(records["slot"]).tolist():
+        sel = np.flatnonzero(records["slot"] == slot)
+        keys, at = records["key"][sel], pos[sel]
+        order = np.lexsort((at, keys))
+        keys, at = keys[order], at[order]
+        starts = np.r_[True, keys[1:] != keys[:-1]]
+        new_keys, new_first = keys[starts], at[starts]
+        known_keys, known_first = state.get(slot, (np.zeros(0, np.uint64), np.zeros(0, np.uint64)))
+        where = np.searchsorted(known_keys, new_keys)
+        found = np.zeros(len(new_keys), bool)
+        first = new_first.copy()
+        if len(known_keys):
+            near = np.minimum(where, len(known_keys) - 1)
+            found = known_keys[near] == new_keys
+            first[found] = known_first[near[found]]  # seen in an earlier batch: that position comes first
+        first = first[np.cumsum(starts) - 1]  # each record's key's first position
+        dup = at != first
+        if slot == EXACT_SLOT:
+            drops.append((at[dup], EXACT))
+        else:
+            later.append(at[dup])
+            firsts.append(first[dup])
+        state[slot] = (np.insert(known_keys, where[~found], new_keys[~found]),
+                       np.insert(known_first, where[~found], new_first[~found]))
+    if later:
+        _verify(folder, np.concatenate(later), np.concatenate(firsts), drops, counts, layout, filters)
+
+
+def _verify(folder: Path, later: np.ndarray, first: np.ndarray, drops: list[tuple[np.ndarray, int]],
+            counts: dict[str, int], layout: Layout, filters: Filters) -> None:
+    """Candidate pairs (one per pair, whatever bands it shares) dropped when similar enough."""
+    if not len(later):
+        return
+    order = np.lexsort((first, later))
+    later, first = later[order], first[order]
+    unique = np.r_[True, (later[1:] != later[:-1]) | (first[1:] != first[:-1])]
+    later, first = later[unique], first[unique]
+    counts["pairs"] += len(later)
+    step = layout.pairs_per_chunk()
+    for a in range(0, len(later), step):
+        x, y = later[a : a + step], first[a : a + step]
+        same = (signature_rows(folder, x) == signature_rows(folder, y)).mean(axis=1)
+        assert filters.near_threshold is not None
+        drops.append((x[same >= filters.near_threshold], NEAR))
+
+
+def gather_group(folder: Path, group: int, layout: Layout) -> list[str]:
+    """Group `group`'s units: their own codes with every partition's drops, written per unit
+    (`folder/decisions/`); returns the sha256 of each unit's decisions."""
+    lo, hi = layout.unit_range(group)
+    found = [_slice(_path(folder, PARTS, p), layout.groups + 1, DROP, group, 1) for p in range(layout.partitions)]
+    drops = np.concatenate(found) if found else np.zeros(0, DROP)
+    drops = drops[np.lexsort((drops["code"], drops["pos"]))]
+    drops = drops[np.r_[True, drops["pos"][1:] != drops["pos"][:-1]]] if len(drops) else drops
+    units = (drops["pos"] >> np.uint64(32)).astype(np.int64)
+    bounds = np.searchsorted(units, np.arange(lo, hi + 1))
+    shas = []
+    for i, unit in enumerate(range(lo, hi)):
+        codes = np.load(_path(folder, SKETCH, unit, ".codes.npy"), allow_pickle=False)
+        mine = drops[bounds[i] : bounds[i + 1]]
+        codes[(mine["pos"] & np.uint64(0xFFFFFFFF)).astype(np.int64)] = mine["code"]
+        _save(_path(folder, DECISIONS, unit), codes)
+        shas.append(hashlib.sha256(codes.tobytes()).hexdigest())
+    return shas
+
+
+def decision_path(folder: Path, unit: int) -> Path:
+    return _path(folder, DECISIONS, unit)
+
+
+def decide(units: Sequence[dict[str, np.ndarray]], filters: Filters, folder: Path,
+           memory_mb: float = 1024.0) -> list[np.ndarray]:
+    """Per unit, per document, a code (KEEP or what dropped it), with every job in this process: `units` in
+    unit order, each the arrays of `Sketches.arrays`; the files go under `folder`. `make tokens` runs the same
+    steps with the partitions and groups spread over its processes."""
+    counts = [write_unit(folder, i, u, filters) for i, u in enumerate(units)]
+    layout = Layout.plan(len(units), sum(c["records"] for c in counts), sum(c["documents"] for c in counts),
+                         memory_mb)
+    for part in range(layout.partitions):
+        decide_partition(folder, part, layout, filters)
+    for group in range(layout.groups):
+        gather_group(folder, group, layout)
+    return [np.load(decision_path(folder, i), allow_pickle=False) for i in range(len(units))]

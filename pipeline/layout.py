@@ -36,6 +36,10 @@ class Layout:
         return self.work / "teacher"
 
     @property
+    def preferences(self) -> Path:  # `make tokens FORMAT=preference`
+        return self.work / "preferences"
+
+    @property
     def cache(self) -> Path:
         return self.work / "logits"
 

@@ -9,6 +9,30 @@ top-K set S, teacher probabilities p_S and tail mass r = 1 − Σ_S p:
   auto     (default) sampled when the cache has tail draws, else tail
   ce                 −log q_label                                 the from-scratch baseline
 
+Reverse KL on rollouts (`--loss reverse-kl`, `reverse_kl_and_grad`): on a rollout cache's generated tokens y,
+sampled from a behaviour policy μ (the student of its round, `behaviour_logprob` = log μ(y)), with the
+teacher's log p_T(y) from the cache (`label_logprob`) and the student's log p_S(y) recomputed here:
+
+  k = log p_S(y) − log p_T(y)        the per-token estimate of KL(p_S ‖ p_T) (its mean under y ~ p_S is the KL)
+  w = min(p_S(y) / μ(y), C)           the importance weight, without gradient (`--is-clip` C; 0: w = 1)
+  loss = mean over tokens of  sg(w·k) · log p_S(y)      (its value is reported as w·k, its gradient is)
+  ∇ = w · k · ∇log p_S(y)
+
+Why this form. For one position (its prefix fixed) ∇ Σ_x p_S(x)(log p_S(x) − log p_T(x)) =
+Σ_x ∇p_S(x)·(log p_S(x) − log p_T(x)) + Σ_x p_S(x)·∇log p_S(x); the last sum is ∇Σ p_S = 0, and ∇p_S = p_S·∇log p_S,
+so the true gradient is E_{y~p_S}[k(y)·∇log p_S(y)]: the score-function (REINFORCE) form with the per-token
+reverse KL as the cost, which is what on-policy distillation trains (Agarwal et al. 2024, GKD; Thinking
+Machines 2025: the negative per-token reverse KL as the advantage, discount 0). k is a constant of the
+gradient (sg), not differentiated: its own gradient, ∇log p_S(y), has mean zero under p_S and only adds
+variance. When y comes from μ ≠ p_S (the round's checkpoint, while the student has moved on),
+E_μ[(p_S/μ)·k·∇log p_S] = E_{p_S}[k·∇log p_S]: the weight w = p_S/μ makes it exact again; clipping it at C
+(truncated importance sampling) bounds the variance at a small bias towards μ's samples, and C = 0 drops it
+(the samples taken as the student's own). The prefix's own dependence on the student (the sequence-level
+term, reward-to-go) is left out, as those methods do. The value summed into the loss is w·k, the importance-
+weighted estimate of the per-token reverse KL, so the logged loss is a KL in nats; the gradient is the
+surrogate's. The student is at τ = 1 and the cache's teacher must be too. `alpha` (hard-label CE) does not
+apply to rollout tokens; a mix's fixed-cache windows keep forward KL with the `target` above.
+
 Pure sampling (a K = 0 cache: no top K, tail mass 1, the draws from the whole distribution) is `sampled`
 with S empty: −Σ_j (c_j/N) log q_{u_j}, the RS-KD estimator; `tail` and `renorm` have nothing to hold there
 and are refused (`check_target`).
@@ -38,12 +62,18 @@ from pipeline.model import float32_mm, softcap_
 from pipeline.settings import setting
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
+KINDS = ("kd", "ce", "reverse-kl")
+BEHAVIOUR = "behaviour_logprob"  # schemas/tokens.py's column: the sampling model's log-prob of each generated token
+# What `reverse_kl_and_grad` adds to a `stats` sink (tensors, summed or reduced over micro-batches and ranks).
+IS_STATS = ("is_tokens", "is_sum", "is_weight_sum", "is_min", "is_max", "is_clipped", "rkl_sum")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: str = setting("kd", "kd (from the teacher's cached distribution) or ce (hard labels: the from-scratch "
-                              "baseline)", flag="loss", choices=("kd", "ce"))
+    kind: str = setting("kd", "kd (from the teacher's cached distribution), ce (hard labels: the from-scratch "
+                              "baseline) or reverse-kl (rollout caches, --onpolicy: the per-token reverse-KL "
+                              "estimate log p_S(y) − log p_T(y) on the student's own samples, policy-gradient "
+                              "form; fixed-cache windows of a mix keep kd)", flag="loss", choices=KINDS)
     target: str = setting("auto", "how the cached target is used: tail (top-K + tail bucket), renorm (top-K "
                                   "renormalised), sampled (top-K + tail draws); auto: sampled when the cache has "
                                   "draws, else tail", flag="kd_target", choices=KD_TARGETS)
@@ -52,11 +82,15 @@ class LossConfig:
                                       "top K exactly")
     alpha: float = setting(1.0, "KD weight; 1 - alpha goes to hard-label CE")
     loss_chunk: int = setting(1024, "positions per loss chunk (bounds the logits' memory at chunk × vocab)")
+    is_clip: float = setting(2.0, "reverse-kl: importance weights p_S(y)/p_behaviour(y) of rollout tokens sampled by "
+                                  "an older checkpoint are clipped at this (0: no weighting, w = 1)")
     teacher_temperature: float = 1.0  # the cache's τ (`resolve_temperature` sets it from the cache's metadata)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("kd", "ce"):
-            raise PipelineError(f"--loss {self.kind!r}: use kd or ce")
+        if self.kind not in KINDS:
+            raise PipelineError(f"--loss {self.kind!r}: use kd, ce or reverse-kl")
+        if self.is_clip < 0:
+            raise PipelineError(f"--is-clip {self.is_clip:g}: the importance weights' clip must be ≥ 0 (0: no weighting)")
         if self.target not in KD_TARGETS:
             raise PipelineError(f"--kd-target {self.target!r}: use one of {', '.join(KD_TARGETS)}")
         if self.temperature < 0 or self.teacher_temperature <= 0 or not 0 <= self.alpha <= 1:
@@ -72,7 +106,11 @@ def resolve_temperature(loss: LossConfig, cache_temperature: float) -> LossConfi
     """The loss at the cache's τ unless another is set, which only `renorm` can honour exactly (and CE, which
     reads no teacher target, ignores); anything else is refused with one line."""
     tau = loss.temperature or cache_temperature
-    if loss.kind == "kd" and loss.target != "renorm" and tau != cache_temperature:
+    if loss.kind == "reverse-kl" and tau != 1.0:
+        raise PipelineError(
+            f"--loss reverse-kl at τ = {tau:g}: the estimate compares the student's and the teacher's log-probs of "
+            "the sampled tokens at τ = 1; capture the caches at TEMPERATURE=1 and leave --temperature unset")
+    if loss.kind != "ce" and loss.target != "renorm" and tau != cache_temperature:
         raise PipelineError(
             f"--temperature {tau:g}: the cache holds the teacher at τ = {cache_temperature:g}, and its tail mass and "
             f"draws cannot be re-tempered; train at the cache's τ (leave --temperature unset), capture a cache with "
@@ -115,6 +153,11 @@ def teacher_weights(topk_logprobs: torch.Tensor, tail_mass: torch.Tensor | None,
 
 def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
     """Per-row loss from float32 student logits z [c, V] and this chunk's targets."""
+    if cfg.kind == "reverse-kl":  # written plainly: value w·k, gradient w·k·∇log p_S(y) through autograd
+        logp = torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1)
+        coef = (importance_weights(logp.detach(), t.get(BEHAVIOUR), cfg.is_clip)[0]
+                * (logp.detach() - t["label_logprob"].float()))
+        return coef + coef * (logp - logp.detach())
     ce = -torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1) if "labels" in t else None
     if cfg.kind == "ce":
         return ce
@@ -144,6 +187,40 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     return kd
 
 
+def importance_weights(logp: torch.Tensor, behaviour: torch.Tensor | None,
+                       clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(w, ratio): the ratio p_S(y)/μ(y) = exp(log p_S(y) − behaviour_logprob) (None without behaviour
+    log-probs) and the weight used, min(ratio, clip), or 1 with clip 0. No gradient flows through either."""
+    with torch.no_grad():
+        if behaviour is None:
+            return torch.ones_like(logp), None
+        ratio = torch.exp(logp.float() - behaviour.float())
+        return (ratio.clamp(max=clip) if clip > 0 else torch.ones_like(ratio)), ratio
+
+
+def reverse_kl_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig,
+                        stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows w·k and the gradient w·k·(onehot(y) − q) with respect to the float32 logits z [c, V] (∂ log q_y / ∂z
+    = onehot(y) − q): the estimator of the module docstring, in closed form. `stats` (a dict) accumulates the
+    importance weights' spread (`IS_STATS`)."""
+    y = t["labels"][:, None]
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, y).squeeze(-1) - lse
+    w, ratio = importance_weights(logp, t.get(BEHAVIOUR), cfg.is_clip)
+    coef = w * (logp.detach() - t["label_logprob"].float())
+    grad = torch.exp(z - lse[:, None]).mul_(-coef[:, None]).scatter_add_(-1, y, coef[:, None])
+    if stats is not None and len(logp):
+        r = ratio if ratio is not None else w
+        add = {"is_tokens": torch.tensor(float(len(r)), device=r.device), "is_sum": r.sum(), "is_weight_sum": w.sum(),
+               "is_clipped": (r > cfg.is_clip).sum().float() if cfg.is_clip > 0 and ratio is not None
+               else torch.zeros((), device=r.device), "rkl_sum": coef.sum()}
+        for key, value in add.items():
+            stats[key] = stats[key] + value if key in stats else value
+        stats["is_min"] = torch.minimum(stats["is_min"], r.min()) if "is_min" in stats else r.min()
+        stats["is_max"] = torch.maximum(stats["is_max"], r.max()) if "is_max" in stats else r.max()
+    return coef, grad
+
+
 def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and its gradient with respect to the float32 logits z [c, V], in closed form.
 
@@ -154,7 +231,9 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     The soft-cap bounds the logits, so every q_x ≥ e^(−2·cap)/V stays far above float32 underflow and
     log q can be taken from q itself. A student without a final soft-cap (null in its config) can drive a q
     to 0: log q is then taken at the smallest normal float32 (`_log`), so a target weight of 0 there adds 0,
-    not 0 · log 0 = NaN, and a positive one a large finite loss."""
+    not 0 · log 0 = NaN, and a positive one a large finite loss. `reverse-kl`: `reverse_kl_and_grad`."""
+    if cfg.kind == "reverse-kl":
+        return reverse_kl_and_grad(z, t, cfg)
     ce_rows = ce_grad = None
     if cfg.kind == "ce" or cfg.alpha < 1.0:
         labels = t["labels"][:, None]
@@ -209,7 +288,7 @@ class _ChunkedLoss(torch.autograd.Function):
     forward pass (one matmul for the logits, two for the gradients), never holding [N, V]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, cap, cfg, names, *values):  # type: ignore[no-untyped-def,override]
+    def forward(ctx, hidden, weight, cap, cfg, stats, names, *values):  # type: ignore[no-untyped-def,override]
         targets = dict(zip(names, values))
         need = hidden.requires_grad or weight.requires_grad
         grad_h = torch.zeros_like(hidden) if need else None
@@ -224,7 +303,8 @@ class _ChunkedLoss(torch.autograd.Function):
             h = hidden[s : s + cfg.loss_chunk].to(dtype)
             chunk = {k: v[s : s + cfg.loss_chunk] for k, v in targets.items()}
             z = softcap_(float32_mm(h, w.T), cap)  # the student's final soft-cap, in place
-            rows, dz = loss_and_grad(z, chunk, cfg)
+            rows, dz = (reverse_kl_and_grad(z, chunk, cfg, stats) if cfg.kind == "reverse-kl"
+                        else loss_and_grad(z, chunk, cfg))
             total += rows.sum()
             if need:
                 if cap is not None:  # through the soft-cap: d/dx cap·tanh(x/cap) = 1 − tanh², in place on z
@@ -242,15 +322,17 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def,override]
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out, grad_w * grad_out, None, None, None) + (None,) * ctx.n_targets
+        return (grad_h * grad_out, grad_w * grad_out, None, None, None, None) + (None,) * ctx.n_targets
 
 
 def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, targets: dict[str, torch.Tensor],
-                 cfg: LossConfig, denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                 cfg: LossConfig, denominator: float | torch.Tensor | None = None,
+                 stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Sum of the per-row losses divided by `denominator` (default: the number of rows, i.e. the mean).
     hidden [N, H] (after the final norm), weight the tied embedding [V, H], targets flattened to rows: labels
     [N]; for kd topk_ids [N, K], topk_logprobs [N, K], tail_mass [N] and, for `sampled`, sample_ids /
-    sample_counts [N, S]."""
+    sample_counts [N, S]; for reverse-kl labels, label_logprob [N] and behaviour_logprob [N] (`stats`: a dict
+    the importance weights' spread is accumulated into)."""
     names = tuple(targets)
-    total = _ChunkedLoss.apply(hidden, weight, cap, cfg, names, *(targets[n] for n in names))
+    total = _ChunkedLoss.apply(hidden, weight, cap, cfg, stats, names, *(targets[n] for n in names))
     return total / (hidden.shape[0] if denominator is None else denominator)

@@ -27,6 +27,16 @@ buffer is entered, every rank reads its rows' stored signals (a few bytes a posi
 kept, and a global batch takes the next `world × batch_size` kept rows; the cursor still counts rows of the
 order, kept or not, so it stays exact. Dropped positions have their `label_mask` cleared as a batch is
 decoded.
+
+The mix (`Mix`: on-policy rounds, GKD's λ). Beside the fixed cache, a second order over the shards of one or
+more rollout caches (one permutation over all of their regions, same seed): each micro-batch's global batch
+of world × batch_size rows is its `counts[m]` next rows from the rollout order first, then the rest from the
+fixed order (m: the micro-batch's place in its optimizer step), so every step holds exactly Σ counts rollout
+windows, whatever the number of processes or the split into micro-batches, and N processes still see what one
+process with N times the batch sees. Each order keeps its own position; the cursor holds both and the micro-
+batch index, so a resumed run sees the same rows. Rows come marked (`ONPOLICY`, [rows] bool); a column one
+source does not read (the fixed cache's top K under reverse-kl, the rollouts' behaviour log-probs) is zeros in
+the other's rows. With every row from the rollouts (λ = 1) there is no fixed cache at all.
 """
 
 from __future__ import annotations
@@ -65,6 +75,28 @@ class ReaderConfig:
 class Cursor:
     epoch: int = 0
     offset: int = 0  # rows of this epoch consumed by all ranks together
+    # With a mix (`Mix`): the rollout order's own position, and the next micro-batch's index in its step
+    # (0 at every step boundary, where checkpoints are taken). Absent from older checkpoints: 0.
+    onpolicy_epoch: int = 0
+    onpolicy_offset: int = 0
+    micro: int = 0
+
+
+ONPOLICY = "onpolicy"  # a mixed batch's extra array: [rows] bool, true for rows from the rollout caches
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Rollout caches drawn beside the fixed cache (see the module docstring): their train split folders,
+    the columns their rows read, and the global rollout rows of each micro-batch of an optimizer step."""
+
+    folders: tuple[Path, ...]
+    columns: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.folders or not self.counts or min(self.counts) < 0:
+            raise PipelineError("reader: a mix needs rollout folders and a non-negative count per micro-batch")
 
 
 def open_split(folder: str | Path) -> Manifest:
@@ -146,13 +178,16 @@ class _Order:
     reference to the stream, so an abandoned stream is collected and its thread stops)."""
 
     def __init__(self, folder: Path, manifest: Manifest, columns: tuple[str, ...], stored: list[str],
-                 cfg: ReaderConfig, runtime: Runtime, shuffle: bool, select: Thresholds | None = None) -> None:
+                 cfg: ReaderConfig, runtime: Runtime, shuffle: bool, select: Thresholds | None = None,
+                 more: tuple[tuple[Path, Manifest], ...] = ()) -> None:
+        """`more`: further split folders (the same encoding) whose shards join this order after the first's."""
         self.folder, self.columns, self.stored, self.cfg, self.shuffle = folder, columns, stored, cfg, shuffle
         self.meta, self.select = manifest.meta, select
         # What decoding reads: the columns asked for, plus the selection's signal and label mask.
         self.decoded = columns + tuple(c for c in (select_columns(select)) if c not in columns)
-        self.files = [folder / s.file for s in manifest.shards]
-        self.rows = np.array([s.rows for s in manifest.shards], dtype=np.int64)
+        parts = ((folder, manifest), *more)
+        self.files = [f / s.file for f, m in parts for s in m.shards]
+        self.rows = np.array([s.rows for _, m in parts for s in m.shards], dtype=np.int64)
         self.total = int(self.rows.sum())
         self._footers: OrderedDict[int, tuple[pq.FileMetaData, np.ndarray]] = OrderedDict()
         self.group = self._group_rows()
@@ -311,27 +346,40 @@ class _Order:
 
     def batch_at(self, cursor: Cursor) -> tuple[Batch, Cursor]:
         """This rank's rows of the global batch at `cursor`, decoded, and the cursor after the whole batch."""
-        epoch, offset, taken, empty = cursor.epoch, cursor.offset, 0, 0
+        batch, epoch, offset = self.rows_at(cursor.epoch, cursor.offset, self.need, self.first, self.last)
+        return batch, Cursor(epoch, offset)
+
+    def empty(self) -> Batch:
+        """The decoded columns with no rows (their trailing shapes and dtypes)."""
+        schema = pq.read_schema(self.files[0])
+        return self._decode(schema.empty_table().select(self.stored))
+
+    def rows_at(self, epoch: int, offset: int, need: int, first: int, last: int) -> tuple[Batch, int, int]:
+        """Rows [first, last) of the next `need` rows of the order from (epoch, offset), decoded (kept rows
+        only, under a selection), and the position after all `need`."""
+        taken, empty = 0, 0
         parts: list[Batch] = []
-        while taken < self.need:
+        while taken < need:
             if offset >= self.total:
                 epoch, offset = epoch + 1, 0
             buffer, start, end = self._buffer_at(epoch, offset)
-            picked, offset = self._pick(buffer, offset - start, end - start, self.need - taken)
+            picked, offset = self._pick(buffer, offset - start, end - start, need - taken)
             offset += start
             n = len(picked)
             empty = empty + 1 if n == 0 else 0
             if empty > len(self._layout(epoch)[1]):  # a whole epoch of buffers without a kept row
                 raise PipelineError(f"{self.folder}: --select {self.select.selection.spec!r} keeps no window of this "
                                     "split; widen the range")
-            lo, hi = max(self.first - taken, 0), min(self.last - taken, n)
+            lo, hi = max(first - taken, 0), min(last - taken, n)
             if lo < hi:  # this rank's rows in this stretch: read their row groups, decode only those rows
                 shard, row = buffer.rows(buffer.perm[picked[lo:hi]])
                 parts.append(self._decode(self._take(shard, row, self.stored)))
             taken += n
+        if not parts:
+            return self.empty(), epoch, offset
         if len(parts) == 1:
-            return parts[0], Cursor(epoch, offset)
-        return {k: np.concatenate([p[k] for p in parts]) for k in self.columns}, Cursor(epoch, offset)
+            return parts[0], epoch, offset
+        return {k: np.concatenate([p[k] for p in parts]) for k in self.columns}, epoch, offset
 
     def regions_of(self, cursor: Cursor, rows: int) -> tuple[np.ndarray, np.ndarray, Cursor]:
         """(shard, row) of the next `rows` rows of the order from `cursor` (all ranks' rows, selection aside),
@@ -364,7 +412,59 @@ def select_columns(select: Thresholds | None) -> tuple[str, ...]:
     return () if select is None else ("label_mask", select.selection.column)
 
 
-def _produce(order: _Order, cursor: Cursor, out: queue.Queue[Any], stop: threading.Event) -> None:
+class _Mix:
+    """A mix's batches: this rank's rows of each micro-batch's global batch, the rollout order's `counts[m]`
+    rows first, then the fixed order's (None: every row from the rollouts)."""
+
+    def __init__(self, fixed: _Order | None, onpolicy: _Order, counts: tuple[int, ...], runtime: Runtime,
+                 batch_size: int) -> None:
+        self.fixed, self.onpolicy, self.counts = fixed, onpolicy, counts
+        self.need = runtime.world * batch_size
+        self.first, self.last = runtime.rank * batch_size, (runtime.rank + 1) * batch_size
+        if max(counts) > self.need or (fixed is None and min(counts) < self.need):
+            raise PipelineError(f"reader: {max(counts)} rollout rows in a micro-batch of {self.need}"
+                                + ("" if fixed is not None else ", and no fixed cache for the rest"))
+        self.columns = onpolicy.columns + tuple(c for c in (fixed.columns if fixed else ()) if c not in onpolicy.columns)
+        self._empty: dict[str, Batch] = {}
+
+    def _blank(self, name: str, order: _Order) -> Batch:
+        if name not in self._empty:
+            self._empty[name] = order.empty()
+        return self._empty[name]
+
+    def batch_at(self, cursor: Cursor) -> tuple[Batch, Cursor]:
+        micro = cursor.micro % len(self.counts)
+        count = self.counts[micro]
+        on, on_epoch, on_offset = self.onpolicy.rows_at(cursor.onpolicy_epoch, cursor.onpolicy_offset, count,
+                                                        min(self.first, count), min(self.last, count))
+        parts = [on]
+        epoch, offset = cursor.epoch, cursor.offset
+        if self.fixed is not None and count < self.need:
+            off, epoch, offset = self.fixed.rows_at(epoch, offset, self.need - count, max(self.first - count, 0),
+                                                    max(self.last - count, 0))
+            parts.append(off)
+        elif self.fixed is not None:
+            parts.append(self._blank("fixed", self.fixed))
+        if len(parts) == 1:
+            batch = {k: on[k] for k in self.onpolicy.columns}
+        else:
+            shapes = {**{k: v for k, v in self._blank("fixed", self.fixed).items()},  # type: ignore[arg-type]
+                      **{k: v for k, v in self._blank("onpolicy", self.onpolicy).items()}}
+            batch = {}
+            for k in self.columns:
+                cols = [p[k] if k in p else np.zeros((_rows(p), *shapes[k].shape[1:]), dtype=shapes[k].dtype)
+                        for p in parts]
+                batch[k] = np.concatenate(cols)
+        batch[ONPOLICY] = np.concatenate([np.ones(_rows(on), dtype=bool),
+                                          np.zeros(sum(_rows(p) for p in parts[1:]), dtype=bool)])
+        return batch, Cursor(epoch, offset, on_epoch, on_offset, (micro + 1) % len(self.counts))
+
+
+def _rows(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _produce(order: _Order | _Mix, cursor: Cursor, out: queue.Queue[Any], stop: threading.Event) -> None:
     """The prefetch thread: batches (or the error that stopped it) into the bounded queue until stopped."""
     try:
         while not stop.is_set():
@@ -383,10 +483,18 @@ def _produce(order: _Order, cursor: Cursor, out: queue.Queue[Any], stop: threadi
 class ShardStream:
     """Infinite stream of row batches from one split folder."""
 
-    def __init__(self, folder: str | Path, columns: tuple[str, ...], cfg: ReaderConfig, runtime: Runtime = Runtime(),
-                 cursor: Cursor = Cursor(), shuffle: bool = True, select: Thresholds | None = None) -> None:
+    def __init__(self, folder: str | Path | None, columns: tuple[str, ...], cfg: ReaderConfig,
+                 runtime: Runtime = Runtime(), cursor: Cursor = Cursor(), shuffle: bool = True,
+                 select: Thresholds | None = None, mix: Mix | None = None) -> None:
+        """`mix`: rollout caches drawn beside `folder` (see the module docstring); `folder` None: every row
+        from them (the mix's counts must fill every micro-batch)."""
         self._stop = threading.Event()  # first: __del__ needs it even when the checks below raise
         self._thread: threading.Thread | None = None
+        only_mix = folder is None
+        if folder is None:
+            if mix is None:
+                raise PipelineError("reader: no split folder to read")
+            folder, columns, select = mix.folders[0], mix.columns, None
         self.folder = Path(folder)
         self.manifest = open_split(self.folder)
         self.meta = self.manifest.meta
@@ -404,8 +512,31 @@ class ShardStream:
         self._order = _Order(self.folder, self.manifest, columns, stored_columns(read, names), cfg, runtime, shuffle,
                              select)
         self.total = self._order.total
+        self._source: _Order | _Mix = self._order
+        if mix is not None:
+            onpolicy = self._mix_order(mix, cfg, runtime, shuffle)
+            fixed = None if only_mix else self._order
+            self._source = _Mix(fixed, onpolicy, mix.counts, runtime, cfg.batch_size)
         self._queue: queue.Queue[Any] | None = None
         self._error: Exception | None = None
+
+    @staticmethod
+    def _mix_order(mix: Mix, cfg: ReaderConfig, runtime: Runtime, shuffle: bool) -> _Order:
+        """One order over every shard of the mix's rollout folders."""
+        parts = [(Path(f), open_split(f)) for f in mix.folders]
+        names = ShardStream._names(parts[0][0] / parts[0][1].shards[0].file)
+        missing = missing_columns(mix.columns, names, parts[0][1].meta)
+        if missing:
+            raise PipelineError(f"{parts[0][0]}: shards have no column(s) {sorted(missing)}; recreate the cache")
+        return _Order(parts[0][0], parts[0][1], mix.columns, stored_columns(mix.columns, names), cfg, runtime,
+                      shuffle, more=tuple(parts[1:]))
+
+    @staticmethod
+    def _names(path: Path) -> list[str]:
+        try:
+            return pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as e:
+            raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
 
     def _schema_names(self) -> list[str]:
         path = self.folder / self.manifest.shards[0].file
@@ -419,11 +550,11 @@ class ShardStream:
         if self._error is not None:
             raise self._error
         if self.cfg.prefetch == 0:
-            batch, self.cursor = self._order.batch_at(self.cursor)
+            batch, self.cursor = self._source.batch_at(self.cursor)
             return batch
         if self._thread is None:
             self._queue = queue.Queue(maxsize=self.cfg.prefetch)
-            self._thread = threading.Thread(target=_produce, args=(self._order, self.cursor, self._queue, self._stop),
+            self._thread = threading.Thread(target=_produce, args=(self._source, self.cursor, self._queue, self._stop),
                                              name=f"reader:{self.folder.name}", daemon=True)
             self._thread.start()
         assert self._queue is not None

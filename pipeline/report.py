@@ -145,8 +145,9 @@ def collect(paths: Paths) -> list[dict[str, Any]]:
         mode = run.loss["target"] if run.loss["kind"] == "kd" else "-"
         data = Path(run.data)
         metrics = final
-        if data.resolve() != paths.cache.resolve() and (data / "train").is_dir():
-            # Trained from another cache (e.g. the compact one): evaluated on the main val cache like the rest.
+        if run.loss["kind"] == "rlhf" or (data.resolve() != paths.cache.resolve() and (data / "train").is_dir()):
+            # Trained from another cache (e.g. the compact one), or by RLHF on prompts (no cache, no val metrics
+            # of its own): evaluated on the main val cache like the rest.
             metrics = {**final, **cached_eval(folder, val)}
         rows.append(_row(folder.name, params, run.loss["kind"], mode, final["tokens"], metrics, final["wall_s"],
                          run.student, seed=run.train["seed"], lr=run.optim["lr"], cache=data.name,

@@ -24,9 +24,12 @@ not fit the rest of a window starts the next (the rest padded), one longer than 
 whole turns up to its last model turn that fits, or is dropped (`ChatStream`; counts in `stats.conversations`).
 
 Filters (pipeline/filters.py): personal information is scrubbed where a document is read; dropping filters
-(duplicates, length, blocklist) first sketch every unit (in the same WORKERS processes), then rank 0 decides
-in unit order (`filters/decisions/`), and tokenization skips the dropped documents. Counts per split and
-filter in `stats.filters`.
+(duplicates, length, blocklist) first sketch every unit (in the same WORKERS processes, each unit's records by
+hash in `filters/sketch/`), then rank 0 cuts the decision into hash partitions (`filters/layout.json`, from the
+records' count and `--filter-memory-mb`), every process decides its partitions (`filters/part/`) and then
+writes the decisions of its groups of units (`filters/decisions/`), and tokenization skips the dropped
+documents. A process holds its own units only, never the unit plan. Counts per split and filter in
+`stats.filters`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +56,21 @@ from pipeline.errors import PipelineError
 from pipeline.filters import (
     DROPS,
     KEEP,
+    PARTS,
     FilterConfig,
     Filters,
+    Layout,
     Sketch,
     Sketches,
-    decide,
+    decide_partition,
+    decision_path,
+    gather_group,
     scrub,
     scrub_turns,
     sketch_chat,
+    write_unit,
 )
-from pipeline.fsutil import atomic_path, clean_stale_tmp, write_json
+from pipeline.fsutil import clean_stale_tmp, write_json
 from pipeline.layout import SPLITS
 from pipeline.progress import progress
 from pipeline.runtime import Runtime
@@ -74,7 +82,7 @@ from schemas.manifest import MANIFEST, Manifest, ShardRecord, TokensStats, read_
 from schemas.tokens import TokensMeta, encode, token_schema
 
 UNITS = "units"  # the completion records, beside the split folders
-FILTERS = "filters"  # the dropping filters' pre-pass: sketch/ per unit, decisions/ per unit
+FILTERS = "filters"  # the dropping filters' pre-pass: sketch/ and decisions/ per unit, part/ and groups/ per job
 POLL_S = 2.0  # rank 0's polling interval while other ranks finish their units
 BATCH_CHARS = 4 << 20  # characters per sentencepiece batch call (several pieces of a long document: its threads share them)
 BATCH_PIECES = 1024
@@ -127,7 +135,7 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
         print(f"{out}: token shards with these settings are complete; nothing to do")
         return {s: read_manifest(out / s, "tokens") for s in SPLITS} if runtime.is_main else None
     job = _Job(spec, cfg, out, _unit_key(metas["train"], spec, cfg), metas, tokenizer.proto, tuple(units), (),
-               encode_threads(cfg.workers), 0, flt)
+               _digests(units, {}), encode_threads(cfg.workers), 0, flt)
     records = out / UNITS
     records.mkdir(parents=True, exist_ok=True)
     failure = records / f"failed-rank{runtime.rank}.json"
@@ -201,7 +209,7 @@ def val_target(cfg: TokenizeConfig) -> int:
 
 @dataclass(frozen=True)
 class _Job:
-    """What one tokenizer process needs (picklable for spawned workers)."""
+    """What one tokenizer process needs (picklable for spawned workers): its own units, not the plan."""
 
     spec: CorpusSpec
     cfg: TokenizeConfig
@@ -209,33 +217,58 @@ class _Job:
     key: str
     metas: dict[str, TokensMeta]
     tokenizer: bytes  # the serialized model
-    plan: tuple[Unit, ...]
-    mine: tuple[int, ...]  # this process's unit indices
+    plan: tuple[Unit, ...]  # the whole unit plan: a rank's main process only (workers get ())
+    mine: tuple[Unit, ...]  # this process's units
+    digests: bytes  # 8 bytes a unit of the plan: its JSON and decisions (what `_covered` checks of the others)
     threads: int
     slot: int
     filters: Filters = Filters()
-    drops: tuple[str, ...] = ()  # with dropping filters: each unit's decisions (sha256), which its output depends on
+    # With dropping filters: the sha256 of each unit's decisions (the main process: every unit; a worker: its
+    # own), which a unit's output depends on; and how the decisions are cut into jobs.
+    drops: dict[int, str] = field(default_factory=dict)
+    layout: Layout | None = None
+    slots: int = 1  # processes over all ranks
 
     @property
     def chat(self) -> bool:
         return self.spec.chat
 
+    @property
+    def units(self) -> int:
+        return len(self.digests) // DIGEST
+
+
+DIGEST = 8  # bytes of a unit's digest
+
+
+def _digest(unit: dict[str, Any] | None, drops: str | None) -> bytes:
+    return hashlib.blake2b(json.dumps([unit, drops], sort_keys=True).encode(), digest_size=DIGEST).digest()
+
+
+def _digests(units: list[Unit] | tuple[Unit, ...], drops: dict[int, str]) -> bytes:
+    return b"".join(_digest(u.to_json(), drops.get(u.index)) for u in units)
+
 
 def _run_workers(job: _Job, runtime: Runtime, fn: Any = None) -> None:
-    """Deals units to this rank's workers (unit i → slot i mod ranks × workers) and runs them."""
+    """Deals units to this rank's workers (unit i → slot i mod ranks × workers) and runs them; a worker gets
+    its own units, not the plan."""
     slots = runtime.world * job.cfg.workers
-    jobs = [_Job(**{**vars(job), "slot": slot, "mine": tuple(u.index for u in job.plan if u.index % slots == slot)})
-            for slot in range(runtime.rank * job.cfg.workers, (runtime.rank + 1) * job.cfg.workers)]
+    jobs = []
+    for slot in range(runtime.rank * job.cfg.workers, (runtime.rank + 1) * job.cfg.workers):
+        mine = tuple(u for u in job.plan if u.index % slots == slot)
+        jobs.append(dataclasses.replace(job, plan=(), mine=mine, slot=slot, slots=slots,
+                                        drops={u.index: job.drops[u.index] for u in mine if u.index in job.drops}))
     fn = fn or _work
     if len(jobs) == 1:
         fn(jobs[0])
         return
-    # spawn: a clean interpreter per worker (no forked threads or locks). The first failure terminates the
-    # others; a success lets them exit on their own (terminating finished workers leaks their semaphores).
+    # spawn: a clean interpreter per worker (no forked threads or locks). The first failure (in the order they
+    # end: a worker may be waiting for a failed one's files) terminates the others; a success lets them exit on
+    # their own (terminating finished workers leaks their semaphores).
     pool = multiprocessing.get_context("spawn").Pool(len(jobs))
     try:
-        for result in [pool.apply_async(fn, (j,)) for j in jobs]:
-            result.get()
+        for _ in pool.imap_unordered(fn, jobs):
+            pass
         pool.close()
     except BaseException:
         pool.terminate()
@@ -246,40 +279,53 @@ def _run_workers(job: _Job, runtime: Runtime, fn: Any = None) -> None:
 
 def _work(job: _Job) -> None:
     tokenizer = Tokenizer(job.tokenizer, "<tokenizer>")
-    known: dict[int, dict[str, Any]] = {}
+    known: dict[int, tuple[int, int]] = {}
     with progress(desc=f"tokenize[{job.slot}]", unit=" tok", unit_scale=True, position=job.slot) as bar:
-        for index in job.mine:
-            if _complete(job, job.plan[index]) is not None:
+        for unit in job.mine:
+            if _complete(job, unit) is not None:
                 continue
-            if job.cfg.corpus_tokens and _covered(job, index, known):
+            if job.cfg.corpus_tokens and _covered(job, unit.index, known):
                 continue  # the units before this one already hold every token the caps keep
-            _tokenize_unit(job, job.plan[index], tokenizer, bar)
+            _tokenize_unit(job, unit, tokenizer, bar)
 
 
-def _covered(job: _Job, index: int, known: dict[int, dict[str, Any]]) -> bool:
-    """Whether the complete units before `index` already cover both caps."""
+def _covered(job: _Job, index: int, known: dict[int, tuple[int, int]]) -> bool:
+    """Whether complete units before `index` already cover both caps: a leading run of them, so a unit past
+    one that was itself skipped is skipped too. Their records are checked against the plan's digests (a
+    worker does not hold the plan)."""
+    train = val = 0
+    target = val_target(job.cfg)
     for i in range(index):
         if i not in known:
-            record = _complete(job, job.plan[i])
-            if record is None:
+            record = _read_record(job, i)
+            if record is None or _digest(record.get("unit"), record.get("drops")) != \
+                    job.digests[i * DIGEST : (i + 1) * DIGEST] or not _shards_there(job, record):
                 return False
-            known[i] = record
-    return needed_units([known[i] for i in range(index)] + [None], job.cfg) is not None
+            known[i] = _token_counts(record)
+        train, val = train + known[i][0], val + known[i][1]
+        if train >= job.cfg.corpus_tokens and (not target or val >= target):
+            return True
+    return False
 
 
-def needed_units(records: list[dict[str, Any] | None], cfg: TokenizeConfig) -> int | None:
-    """How many leading units the manifests draw from, or None while that is not known yet (a record in
-    the way is missing). Under --corpus-tokens the first units that cover both caps; else all."""
+def _token_counts(record: dict[str, Any]) -> tuple[int, int]:
+    """A unit record's (train, val) tokens."""
+    return tuple(sum(s["tokens"] for s in record["splits"][split]["shards"]) for split in SPLITS)  # type: ignore[return-value]
+
+
+def needed_units(counts: list[tuple[int, int] | None], cfg: TokenizeConfig) -> int | None:
+    """How many leading units the manifests draw from, given each unit's (train, val) tokens, or None while
+    that is not known yet (a record in the way is missing). Under --corpus-tokens the first units that cover
+    both caps; else all."""
     train = val = 0
     target = val_target(cfg)
-    for i, record in enumerate(records):
-        if record is None:
+    for i, count in enumerate(counts):
+        if count is None:
             return None
-        train += sum(s["tokens"] for s in record["splits"]["train"]["shards"])
-        val += sum(s["tokens"] for s in record["splits"]["val"]["shards"])
+        train, val = train + count[0], val + count[1]
         if cfg.corpus_tokens and train >= cfg.corpus_tokens and (not target or val >= target):
             return i + 1
-    return len(records)
+    return len(counts)
 
 
 def _tokenize_unit(job: _Job, unit: Unit, tokenizer: Tokenizer, bar: Any) -> None:
@@ -318,7 +364,7 @@ def _tokenize_unit(job: _Job, unit: Unit, tokenizer: Tokenizer, bar: Any) -> Non
             stats[split].add_conversations(streams[split].counts)
     shards = {s: writers[s].finish() for s in SPLITS}
     write_json(_record_path(job.out, unit.index), {
-        "key": job.key, "unit": unit.to_json(), "drops": job.drops[unit.index] if job.drops else None,
+        "key": job.key, "unit": unit.to_json(), "drops": job.drops.get(unit.index),
         "splits": {s: {**stats[s].to_json(), "shards": [to_json(r) for r in shards[s]]} for s in SPLITS},
     })
 
@@ -411,8 +457,8 @@ class _Verdicts:
     document: a later byte range of a large file, which starts mid-document, is one of its own)."""
 
     def __init__(self, job: _Job, unit: Unit) -> None:
-        self.codes = np.load(_decision_path(job.out, unit.index), allow_pickle=False) if job.drops else None
-        self.where = _decision_path(job.out, unit.index)
+        self.where = decision_path(job.out / FILTERS, unit.index)
+        self.codes = np.load(self.where, allow_pickle=False) if job.filters.drops else None
         self.index, self.doc_id, self.current = -1, None, KEEP
         self.new = False  # whether the last piece began a document
 
@@ -474,20 +520,24 @@ def _record_path(out: Path, index: int) -> Path:
 def _complete(job: _Job, unit: Unit) -> dict[str, Any] | None:
     """A unit's record if it is from these settings, this input and these filter decisions, and its shards
     are all there."""
+    record = _read_record(job, unit.index)
+    if record is None or record.get("unit") != unit.to_json() or record.get("drops") != job.drops.get(unit.index):
+        return None
+    return record if _shards_there(job, record) else None
+
+
+def _read_record(job: _Job, index: int) -> dict[str, Any] | None:
+    """A unit's record if there is one from these settings."""
     try:
-        record = json.loads(_record_path(job.out, unit.index).read_text())
+        record = json.loads(_record_path(job.out, index).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("key") != job.key or record.get("unit") != unit.to_json():
-        return None
-    if record.get("drops") != (job.drops[unit.index] if job.drops else None):
-        return None
-    for split in SPLITS:
-        for shard in record["splits"][split]["shards"]:
-            path = job.out / split / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                return None
-    return record
+    return record if isinstance(record, dict) and record.get("key") == job.key else None
+
+
+def _shards_there(job: _Job, record: dict[str, Any]) -> bool:
+    return all((job.out / split / s["file"]).is_file() and (job.out / split / s["file"]).stat().st_size == s["bytes"]
+               for split in SPLITS for s in record["splits"][split]["shards"])
 
 
 class _UnitWriter:
@@ -540,13 +590,82 @@ class _UnitWriter:
 
 
 def _prefilter(job: _Job, runtime: Runtime, plan: str) -> _Job:
-    """Sketches every unit (this rank's share, in its WORKERS processes), then rank 0 decides in unit order;
-    returns the job with each unit's decisions (their sha256, which the unit's output depends on)."""
-    key = _sha({"sketch": _sketch_key(job), "plan": plan})
+    """Sketches every unit (this rank's share, in its WORKERS processes); rank 0 cuts the decision into jobs
+    (`filters/layout.json`); every process decides its hash partitions, then, once all are done, writes the
+    decisions of its groups of units. Returns the job with each unit's decisions (their sha256, which the
+    unit's output depends on)."""
+    folder = job.out / FILTERS
+    key = _sha({"sketch": _sketch_key(job), "plan": plan, "memory_mb": job.filters.memory_mb})
     _run_workers(job, runtime, _sketch_work)
     if runtime.is_main:
-        _decide(job, key, _wait_for_sketches(job))
-    return dataclasses.replace(job, drops=tuple(_wait_for_decisions(job, key)))
+        documents = records = 0
+        for record in _wait_for_sketches(job):
+            documents, records = documents + record["documents"], records + record["records"]
+        layout = Layout.plan(len(job.plan), records, documents, job.filters.memory_mb)
+        write_json(folder / "layout.json", {"key": key, **dataclasses.asdict(layout)})
+    layout = _poll(job, f"rank 0's filter layout ({folder / 'layout.json'})", lambda: _layout(job, key))
+    _run_workers(dataclasses.replace(job, layout=layout, key=key), runtime, _decide_work)  # key: the jobs' records
+    shas = _poll(job, f"the filter decisions ({folder / 'groups'})",
+                 lambda: _all_done(folder / "groups", range(layout.groups), key))
+    drops = {i: sha for record in shas for i, sha in zip(range(*layout.unit_range(record["group"])), record["units"])}
+    return dataclasses.replace(job, drops=drops, digests=_digests(job.plan, drops))
+
+
+def _layout(job: _Job, key: str) -> Layout | None:
+    try:
+        record = json.loads((job.out / FILTERS / "layout.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Layout(**{k: v for k, v in record.items() if k != "key"}) if record.get("key") == key else None
+
+
+def _all_done(folder: Path, jobs: Iterable[int], key: str) -> list[dict[str, Any]] | None:
+    """The done records of `jobs` in `folder` (NNNNNN.json), if every one is there for this key."""
+    out = []
+    for index in jobs:
+        try:
+            record = json.loads((folder / f"{index:06d}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("key") != key:
+            return None
+        out.append(record)
+    return out
+
+
+def _poll(job: _Job, what: str, ready: Callable[[], Any]) -> Any:
+    """`ready()` once it is not None: polled (quickly at first, then every POLL_S), a failed rank's record
+    ending the wait. No timeout: a long corpus takes as long as it takes."""
+    delay, announced, started = 0.02, False, job.out / UNITS / "rank0.started"
+    while (found := ready()) is None:
+        if started.is_file():
+            _raise_failures(job.out / UNITS, started)
+        if delay >= POLL_S and not announced:
+            print(f"waiting for {what}", flush=True)
+            announced = True
+        time.sleep(delay)
+        delay = min(POLL_S, delay * 2)
+    return found
+
+
+def _decide_work(job: _Job) -> None:
+    """One process's share of the decision: its hash partitions; then, once every process's are written, its
+    groups of units. Each job's done record (its key, its counts) is written last; a done job is not redone."""
+    assert job.layout is not None
+    folder, layout = job.out / FILTERS, job.layout
+    mine = range(job.slot, layout.partitions, job.slots)
+    with progress(desc=f"dedup[{job.slot}]", unit=" part", position=job.slot, total=len(mine)) as bar:
+        for part in mine:
+            if _all_done(folder / PARTS, [part], job.key) is None:
+                counts = decide_partition(folder, part, layout, job.filters)
+                write_json(folder / PARTS / f"{part:06d}.json", {"key": job.key, "part": part, **counts})
+            bar.update(1)
+    _poll(job, f"the other processes' filter partitions ({folder / PARTS})",
+          lambda: _all_done(folder / PARTS, range(layout.partitions), job.key))
+    for group in range(job.slot, layout.groups, job.slots):
+        if _all_done(folder / "groups", [group], job.key) is None:
+            write_json(folder / "groups" / f"{group:06d}.json",
+                       {"key": job.key, "group": group, "units": gather_group(folder, group, layout)})
 
 
 def _sketch_key(job: _Job) -> str:
@@ -558,28 +677,28 @@ def _sketch_key(job: _Job) -> str:
                  "piece_bytes": job.cfg.piece_bytes})
 
 
-def _sketch_path(out: Path, index: int, suffix: str) -> Path:
-    return out / FILTERS / "sketch" / f"{index:06d}{suffix}"
-
-
-def _decision_path(out: Path, index: int) -> Path:
-    return out / FILTERS / "decisions" / f"{index:06d}.npy"
+def _sketch_record(job: _Job, unit: Unit) -> Path:
+    return job.out / FILTERS / "sketch" / f"{unit.index:06d}.json"
 
 
 def _sketch_work(job: _Job) -> None:
     with progress(desc=f"filter[{job.slot}]", unit=" doc", position=job.slot) as bar:
-        for index in job.mine:
-            if not _sketched(job, job.plan[index]):
-                _sketch_unit(job, job.plan[index], bar)
+        for unit in job.mine:
+            if _sketched(job, unit) is None:
+                _sketch_unit(job, unit, bar)
 
 
-def _sketched(job: _Job, unit: Unit) -> bool:
+def _sketched(job: _Job, unit: Unit) -> dict[str, Any] | None:
+    """The unit's sketch record, if its files are there for these settings."""
     try:
-        record = json.loads(_sketch_path(job.out, unit.index, ".json").read_text())
+        record = json.loads(_sketch_record(job, unit).read_text())
     except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and record.get("key") == _sketch_key(job) and record.get("unit") == unit.to_json()
-            and all(_sketch_path(job.out, unit.index, s).is_file() for s in (".npz", ".sig.npy")))
+        return None
+    suffixes = (".codes.npy", ".keys.npy") + ((".sig.npy",) if job.filters.near_threshold else ())
+    if not (isinstance(record, dict) and record.get("key") == _sketch_key(job) and record.get("unit") == unit.to_json()
+            and all(_sketch_record(job, unit).with_suffix(s).is_file() for s in suffixes)):
+        return None
+    return record
 
 
 def _sketch_unit(job: _Job, unit: Unit, bar: Any) -> None:
@@ -602,61 +721,21 @@ def _sketch_unit(job: _Job, unit: Unit, bar: Any) -> None:
         current.update(scrub(piece.text)[0] if flt.pii else piece.text)
     if current is not None:
         sketches.add(current)
-    arrays = sketches.arrays(flt)
-    with atomic_path(_sketch_path(job.out, unit.index, ".npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{k: v for k, v in arrays.items() if k != "sig"})
-    with atomic_path(_sketch_path(job.out, unit.index, ".sig.npy")) as tmp, open(tmp, "wb") as f:
-        np.save(f, arrays["sig"])
-    write_json(_sketch_path(job.out, unit.index, ".json"), {"key": _sketch_key(job), "unit": unit.to_json(),
-                                                            "documents": len(arrays["hash"])})
+    counts = write_unit(job.out / FILTERS, unit.index, sketches.arrays(flt), flt)
+    write_json(_sketch_record(job, unit), {"key": _sketch_key(job), "unit": unit.to_json(), **counts})
 
 
-def _wait_for_sketches(job: _Job) -> list[dict[str, np.ndarray]]:
-    """Rank 0: every unit's sketches, once all exist (the other ranks' too), as arrays; signatures memory-mapped."""
-    started, announced = job.out / UNITS / "rank0.started", False
-    while not all(_sketched(job, u) for u in job.plan):
-        _raise_failures(job.out / UNITS, started)
-        if not announced:
-            print(f"waiting for the other ranks' filter sketches ({job.out / FILTERS / 'sketch'})", flush=True)
-            announced = True
-        time.sleep(POLL_S)
-    units = []
-    for unit in job.plan:
-        with np.load(_sketch_path(job.out, unit.index, ".npz"), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        arrays["sig"] = np.load(_sketch_path(job.out, unit.index, ".sig.npy"), mmap_mode="r", allow_pickle=False)
-        units.append(arrays)
-    return units
+def _wait_for_sketches(job: _Job) -> list[dict[str, Any]]:
+    """Rank 0: every unit's sketch record, once all exist (the other ranks' too)."""
+    found: dict[int, dict[str, Any]] = {}
 
+    def ready() -> list[dict[str, Any]] | None:
+        for unit in job.plan:
+            if unit.index not in found and (record := _sketched(job, unit)) is not None:
+                found[unit.index] = record
+        return [found[u.index] for u in job.plan] if len(found) == len(job.plan) else None
 
-def _decide(job: _Job, key: str, units: list[dict[str, np.ndarray]]) -> None:
-    """Rank 0: the decisions, one file per unit, then `decisions.json` naming them (last: it means done)."""
-    done = job.out / FILTERS / "decisions.json"
-    done.unlink(missing_ok=True)
-    shas = []
-    for unit, codes in zip(job.plan, decide(units, job.filters)):
-        with atomic_path(_decision_path(job.out, unit.index)) as tmp, open(tmp, "wb") as f:
-            np.save(f, codes.astype(np.int8))
-        shas.append(hashlib.sha256(codes.astype(np.int8).tobytes()).hexdigest())
-    write_json(done, {"key": key, "units": shas})
-
-
-def _wait_for_decisions(job: _Job, key: str) -> list[str]:
-    """Every rank: the decisions' hashes, once rank 0 has written them for this corpus and these settings."""
-    done, started, announced = job.out / FILTERS / "decisions.json", job.out / UNITS / "rank0.started", False
-    while True:
-        try:
-            record = json.loads(done.read_text())
-            if record.get("key") == key:
-                return record["units"]
-        except (OSError, ValueError):
-            pass
-        if started.is_file():
-            _raise_failures(job.out / UNITS, started)
-        if not announced:
-            print(f"waiting for rank 0's filter decisions ({done})", flush=True)
-            announced = True
-        time.sleep(POLL_S)
+    return _poll(job, f"the other ranks' filter sketches ({job.out / FILTERS / 'sketch'})", ready)
 
 
 # ---------------------------------------------------------------- rank 0: wait, then the manifests
@@ -671,7 +750,7 @@ def _wait_for_units(job: _Job, started: Path) -> list[dict[str, Any]]:
         for i, record in enumerate(records):
             if record is None:
                 records[i] = _complete(job, job.plan[i])
-        needed = needed_units(records, job.cfg)
+        needed = needed_units([None if r is None else _token_counts(r) for r in records], job.cfg)
         if needed is not None:
             return [r for r in records[:needed] if r is not None]
         _raise_failures(job.out / UNITS, started)

@@ -18,6 +18,15 @@ Collectives wait `timeout_minutes` (default an hour) so rank 0's checkpoint book
 filesystem cannot trip them. A step whose loss or gradient norm is not finite is skipped; `max_bad_steps`
 of them in a row stop the run with the last good checkpoint kept.
 
+On-policy rounds (`onpolicy`: rollout caches, `make teacher-logits` over `make rollouts`' shards): each
+optimizer step takes exactly λ (`onpolicy_fraction`) of its windows from the rollout caches and the rest from
+the fixed cache (pipeline/reader.py `Mix`; λ = 1 needs no fixed cache, which then serves the evaluation only
+when it is there); rollout windows train on their generated tokens only (their `loss_mask`), by forward KL
+on the cached targets or, with `--loss reverse-kl`, the importance-weighted reverse-KL estimate of
+pipeline/losses.py, whose weights' spread goes to metrics.jsonl. A rollout cache is taken only from the
+init model (`--init-from`) or a model of its lineage at most `allow_stale_rounds` rounds back (`OnPolicy`).
+The student records `onpolicy_round` (the newest cache's round) and the caches' identities.
+
 Output folder: a Hugging Face Gemma 2 directory (config.json, model.safetensors or sharded files,
 tokenizer.model) written after the final evaluation, `checkpoint/`, `metrics.jsonl`, `run_config.json` (the
 resolved settings) and, last of all, `finished.json`: only a folder with it is a finished model.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -43,16 +53,25 @@ from safetensors import safe_open
 from torch import nn
 
 from pipeline import parallel
-from pipeline.checkpoint import IGNORED_KEYS, INDEX, SINGLE, cache_fingerprint, load_config, save_model, weight_files
+from pipeline.checkpoint import (
+    IGNORED_KEYS,
+    INDEX,
+    SINGLE,
+    cache_fingerprint,
+    load_config,
+    model_fingerprint,
+    save_model,
+    weight_files,
+)
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_path, read_json, write_json
-from pipeline.losses import LossConfig, check_target, chunked_loss, resolve_target, resolve_temperature
+from pipeline.fsutil import atomic_path, cached_sha256, read_json, write_json
+from pipeline.losses import BEHAVIOUR, LossConfig, check_target, chunked_loss, resolve_target, resolve_temperature
 from pipeline.model import Gemma2, Gemma2Config, preset
 from pipeline.parallel import SHARDINGS
 from pipeline.plan import check_training
 from pipeline.progress import progress
-from pipeline.reader import Cursor, ReaderConfig, ShardStream, open_split
+from pipeline.reader import ONPOLICY, Cursor, Mix, ReaderConfig, ShardStream, open_split
 from pipeline.runtime import PRECISIONS, Runtime, autocast, autocast_dtype
 from pipeline.select import HELP as SELECT_HELP
 from pipeline.select import Selection, Thresholds
@@ -110,6 +129,11 @@ class TrainConfig:
     select: str = setting("", SELECT_HELP)
     timeout_minutes: float = setting(60.0, "how long a process waits in a collective (all-reduce, barrier) before the run "
                                            "fails: it must cover rank 0's checkpoint bookkeeping on a slow filesystem")
+    onpolicy_fraction: float = setting(1.0, "with --onpolicy: the share λ of each optimizer step's windows drawn from the "
+                                            "rollout caches (GKD's λ), exactly: λ × windows per step must be whole; the "
+                                            "rest from the fixed cache (--cache). 1: rollouts only, no fixed cache needed")
+    allow_stale_rounds: int = setting(0, "with --onpolicy: admit rollout caches sampled by a model of the --init-from "
+                                         "model's lineage up to this many on-policy rounds back (0: only its own)")
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -149,8 +173,20 @@ def find_tokenizer(data: Path, explicit: Path | None, fingerprint: str) -> Path:
 
 
 def loss_columns(loss: LossConfig) -> tuple[str, ...]:
-    """The cache columns a (resolved) loss reads."""
-    return MODE_COLUMNS[loss.target if loss.kind == "kd" else "ce"]
+    """The cache columns a (resolved) loss reads from the fixed cache (reverse-kl: its forward-KL targets)."""
+    return MODE_COLUMNS[loss.target if loss.kind != "ce" else "ce"]
+
+
+def onpolicy_columns(loss: LossConfig) -> tuple[str, ...]:
+    """The columns a rollout cache's rows read: the forward-KL targets, or for reverse-kl the teacher's and the
+    sampling model's log-probs of the sampled tokens."""
+    return ("input_ids", "label_mask", "label_logprob", BEHAVIOUR) if loss.kind == "reverse-kl" else loss_columns(loss)
+
+
+def fixed_loss(loss: LossConfig) -> LossConfig:
+    """What fixed-cache windows train with: reverse-kl's estimator needs the student's own samples, so a mix's
+    fixed windows keep forward KL on the cached targets."""
+    return dataclasses.replace(loss, kind="kd") if loss.kind == "reverse-kl" else loss
 
 
 class StudentWithLoss(nn.Module):
@@ -163,21 +199,41 @@ class StudentWithLoss(nn.Module):
     def __init__(self, model: Gemma2, loss: LossConfig) -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        self.fixed = fixed_loss(loss)
         self.targets = [c for c in loss_columns(loss) if c not in ("input_ids", "label_mask")]
+        self.onpolicy_targets = [c for c in onpolicy_columns(loss) if c not in ("input_ids", "label_mask")]
+        self.stats: dict[str, torch.Tensor] = {}  # reverse-kl: the importance weights' spread (losses.IS_STATS)
 
     def forward(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor | None,
                 evaluate: Callable[[Gemma2, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+        """With a mix under reverse-kl (`ONPOLICY` marks the rollout rows), the rollout positions take the
+        estimator and the fixed ones forward KL, both over the same `denominator`; otherwise one loss for all."""
         if evaluate is not None:
             return evaluate(self.model, batch)
         ids = batch["input_ids"]
         inputs = ids[:, :-1]
         hidden = self.model.hidden_states(inputs, document_ids(inputs))
         keep = batch["label_mask"].reshape(-1)
-        targets = {"labels": ids[:, 1:].reshape(-1)[keep]}
-        for name in self.targets:
+        hidden, labels = hidden.reshape(keep.shape[0], -1), ids[:, 1:].reshape(-1)
+        rows = batch.get(ONPOLICY)
+        if rows is None or self.loss.kind != "reverse-kl":
+            return self._part(hidden, labels, batch, keep, self.fixed, self.targets, denominator)
+        on = rows[:, None].expand(-1, ids.shape[1] - 1).reshape(-1)
+        total = None
+        for part, cfg, names in ((keep & ~on, self.fixed, self.targets), (keep & on, self.loss, self.onpolicy_targets)):
+            if bool(part.any()):
+                value = self._part(hidden, labels, batch, part, cfg, names, denominator)
+                total = value if total is None else total + value
+        assert total is not None, "a micro-batch with no rows"
+        return total
+
+    def _part(self, hidden: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor,
+              cfg: LossConfig, names: list[str], denominator: torch.Tensor | None) -> torch.Tensor:
+        targets = {"labels": labels[keep]}
+        for name in names:
             targets[name] = batch[name].reshape(keep.shape[0], *batch[name].shape[2:])[keep]
-        return chunked_loss(hidden.reshape(keep.shape[0], -1)[keep], self.model.head_weight,
-                            self.model.config.final_logit_softcapping, targets, self.loss, denominator)
+        return chunked_loss(hidden[keep], self.model.head_weight, self.model.config.final_logit_softcapping, targets,
+                            cfg, denominator, self.stats if cfg.kind == "reverse-kl" else None)
 
 
 def grad_accum_for(cfg: TrainConfig, world: int, seq_len: int) -> int:
@@ -372,6 +428,8 @@ class Run:
     wall: float = 0.0
     bad: int = 0  # steps skipped in a row
     saved_step: int = -1  # the step of the newest checkpoint
+    evaluates: bool = True  # False: no val split (rollouts only, no fixed cache)
+    is_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # reverse-kl, since the last log line
 
     @property
     def model(self) -> Gemma2:
@@ -394,39 +452,206 @@ def check_splits(data: Path, loss: LossConfig) -> tuple[Manifest, LossConfig]:
     train_manifest = open_split(data / "train")
     meta = train_manifest.meta
     check_same_cache(meta, open_split(data / "val").meta, data)
+    return train_manifest, resolve_loss(loss, meta, data)
+
+
+def resolve_loss(loss: LossConfig, meta: Any, data: Path) -> LossConfig:
+    """The loss against the cache whose targets it reads (`auto`, τ), or refused in one line."""
     is_cache = isinstance(meta, LogitsMeta)
-    if loss.kind == "kd" and not is_cache:
-        raise PipelineError(f"{data}: holds token shards; --loss kd needs a teacher logit cache (`make teacher-logits`)")
+    if loss.kind != "ce" and not is_cache:
+        raise PipelineError(f"{data}: holds token shards; --loss {loss.kind} needs a teacher logit cache "
+                            "(`make teacher-logits`)")
     samples = meta.samples if is_cache else 0
-    if loss.kind == "kd" and loss.target == "sampled" and not samples:
+    if loss.kind != "ce" and loss.target == "sampled" and not samples:
         raise PipelineError(f"{data}: the cache has no tail samples; recreate it with SAMPLES>0 or use --kd-target tail")
     loss = dataclasses.replace(loss, target=resolve_target(loss.target, bool(samples)))
-    if loss.kind == "kd":
+    if loss.kind != "ce":
         check_target(loss.target, meta.topk, data)
-    return train_manifest, resolve_temperature(loss, meta.temperature if is_cache else 1.0)
+    return resolve_temperature(loss, meta.temperature if is_cache else 1.0)
+
+
+# --- on-policy rounds: rollout caches, the mix, staleness ---------------------------------------------
+
+
+# Cache settings that may differ between a rollout cache and the fixed cache (or another rollout cache) whose
+# rows share batches; everything else must agree (the teacher, tokenizer, SEQ_LEN, K, N, τ, the encoding).
+PER_CACHE = frozenset({"split", "corpus", "format", "rollouts"})
+
+
+def split_fingerprint(folder: Path) -> str:
+    """A rollout cache's identity (it has a train split only): sha256 over its train manifest's settings and
+    its shards' names and sha256s, as `cache_fingerprint` hashes each split of a fixed cache."""
+    from schemas.common import to_json
+
+    manifest = open_split(folder / "train")
+    return hashlib.sha256(json.dumps({"split": "train", "meta": to_json(manifest.meta),
+                                      "shards": [[s.file, s.sha256] for s in manifest.shards]},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def model_lineage(folder: Path) -> tuple[int, list[dict[str, Any]]]:
+    """A model folder's on-policy round (its run_config's `onpolicy_round`, 0 when absent: a student trained
+    off-policy, a downloaded model) and its lineage: the models it was continued from on rollouts, newest
+    first, as [{"fingerprint", "round"}] (recorded by the run that trained it)."""
+    path = folder / RUN_CONFIG
+    if not path.is_file():
+        return 0, []
+    raw = read_json(path, "the init model's settings")
+    return int(raw.get("onpolicy_round") or 0), list((raw.get("onpolicy") or {}).get("lineage") or [])
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    """Rollout caches admitted for a run: their train splits, metadata, identities and lag in rounds, and the
+    record that goes into run_config.json (`onpolicy`)."""
+
+    folders: tuple[Path, ...]
+    metas: tuple[LogitsMeta, ...]
+    fingerprints: tuple[str, ...]
+    lags: tuple[int, ...]
+    rows: int  # train windows over all of them
+    init: dict[str, Any]  # the init model: fingerprint and round
+    lineage: list[dict[str, Any]]  # this run's: the init model, then its own lineage
+
+    @property
+    def round(self) -> int:
+        """The newest cache's round: the trained student's `onpolicy_round`."""
+        return max(int(m.rollouts["round"]) for m in self.metas)  # type: ignore[index]
+
+    def record(self, fraction: float, windows: int, fixed: bool) -> dict[str, Any]:
+        """What run_config.json keeps (identities by fingerprint: the paths are in finished.json)."""
+        caches = [{"fingerprint": fp, "round": int(m.rollouts["round"]),  # type: ignore[index]
+                   "model_round": int(m.rollouts["model_round"]),  # type: ignore[index]
+                   "model_fingerprint": m.rollouts["model_fingerprint"], "lag": lag}  # type: ignore[index]
+                  for fp, m, lag in zip(self.fingerprints, self.metas, self.lags)]
+        return {"fraction": fraction, "windows_per_step": windows, "fixed_cache": fixed, "caches": caches,
+                "init": self.init, "lineage": self.lineage}
+
+
+def resolve_onpolicy(folders: tuple[Path, ...], cfg: TrainConfig, loss: LossConfig,
+                     reference: LogitsMeta | None) -> OnPolicy:
+    """Checks the rollout caches (each a finished teacher pass over `make rollouts` shards, of the fixed
+    cache's teacher, tokenizer and settings) and their staleness against the init model: lag = the init model's
+    `onpolicy_round` − the cache's `model_round`, 0 when the cache was sampled by the init model itself
+    (fingerprints equal); a cache sampled by any other model must be of the init model's lineage within
+    `allow_stale_rounds` rounds. Refusals are one line naming the cache and the way out."""
+    if len(set(map(str, folders))) != len(folders):
+        raise PipelineError(f"--onpolicy {' '.join(map(str, folders))}: a cache is listed twice")
+    if loss.kind == "ce":
+        raise PipelineError("--onpolicy with --loss ce: rollouts train by distillation; use --loss kd (forward KL on "
+                            "the cached targets) or --loss reverse-kl")
+    if cfg.allow_stale_rounds < 0:
+        raise PipelineError(f"--allow-stale-rounds {cfg.allow_stale_rounds}: must be ≥ 0 (rounds)")
+    metas: list[LogitsMeta] = []
+    rows = 0
+    for folder in folders:
+        manifest = open_split(folder / "train")
+        meta = manifest.meta
+        if not isinstance(meta, LogitsMeta) or meta.rollouts is None:
+            raise PipelineError(f"--onpolicy {folder}: not a cache of rollouts (no `rollouts` in its metadata); make "
+                                f"one with `make teacher-logits TOKENS=<make rollouts' folder> CACHE={folder}`")
+        if loss.kind == "reverse-kl" and not meta.signals:
+            raise PipelineError(f"--onpolicy {folder}: the cache has no `label_logprob`, which --loss reverse-kl reads; "
+                                "recreate it with this version's `make teacher-logits`")
+        ref = reference or (metas[0] if metas else None)
+        if ref is not None:
+            a, b = dataclasses.asdict(ref), dataclasses.asdict(meta)
+            differ = [k for k in a if k not in PER_CACHE and a[k] != b.get(k)]
+            if differ:
+                what = "another teacher" if "teacher_fingerprint" in differ else "other settings"
+                raise PipelineError(f"--onpolicy {folder}: made by {what} than the {'fixed cache' if reference else 'first'}"
+                                    f" ({', '.join(f'{k} {a[k]!r} vs {b.get(k)!r}' for k in differ)[:300]}); capture "
+                                    "every cache of a run with the same `make teacher-logits` settings and teacher")
+        metas.append(meta)
+        rows += manifest.rows
+    from pipeline.capture import HASH_CACHE  # the file hashes capture keeps beside a model
+
+    init_dir = Path(cfg.init_from) if cfg.init_from else None
+    init_fp = model_fingerprint(init_dir, file_hash=cached_sha256([init_dir / HASH_CACHE])) if init_dir else None
+    init_round, init_lineage = model_lineage(init_dir) if init_dir else (0, [])
+    known = {e["fingerprint"]: int(e["round"]) for e in init_lineage}
+    lags = []
+    for folder, meta in zip(folders, metas):
+        info = meta.rollouts or {}
+        sampler, model_round = info.get("model_fingerprint"), int(info.get("model_round", 0))
+        if init_fp is not None and sampler == init_fp:
+            lags.append(0)
+            continue
+        lag = init_round - model_round
+        if init_dir is None:
+            raise PipelineError(f"--onpolicy {folder}: rollouts train the model that sampled them ({info.get('model')}); "
+                                "pass it as --init-from")
+        if sampler not in known:
+            raise PipelineError(f"--onpolicy {folder}: sampled by {info.get('model')} ({str(sampler)[:12]}…, round "
+                                f"{model_round}), which is neither --init-from {init_dir} nor a model of its lineage; "
+                                f"make rollouts from {init_dir}, or --allow-stale-rounds N only admits the lineage's")
+        if lag > cfg.allow_stale_rounds:
+            raise PipelineError(f"--onpolicy {folder}: sampled {lag} round(s) before --init-from {init_dir} (round "
+                                f"{init_round}); pass --allow-stale-rounds {lag} to train on it importance-weighted, or "
+                                f"make rollouts from {init_dir}")
+        lags.append(lag)
+    init = {"fingerprint": init_fp, "round": init_round} if init_fp else {}
+    lineage = ([{"fingerprint": init_fp, "round": init_round}] if init_fp else []) + init_lineage
+    return OnPolicy(folders, tuple(metas), tuple(split_fingerprint(f) for f in folders), tuple(lags), rows, init,
+                    lineage)
+
+
+def onpolicy_windows(cfg: TrainConfig, windows: int) -> int:
+    """Rollout windows of each optimizer step: λ × the step's windows, which must be whole (the mix is exact)."""
+    lam = cfg.onpolicy_fraction
+    if not 0 < lam <= 1:
+        raise PipelineError(f"--onpolicy-fraction {lam:g}: the rollouts' share of a step must be in (0, 1]; without "
+                            "rollouts leave out --onpolicy")
+    n = round(lam * windows)
+    if abs(n - lam * windows) > 1e-6 * windows or n == 0:
+        near = sorted({max(1, math.floor(lam * windows)), min(windows, math.ceil(lam * windows))})
+        raise PipelineError(f"--onpolicy-fraction {lam:g} of the {windows} windows of a step is not a whole number of "
+                            f"windows; use {' or '.join(f'{k / windows:g}' for k in near)}, or a --batch-tokens that "
+                            "makes it whole")
+    return n
+
+
+def micro_counts(windows: int, grad_accum: int) -> tuple[int, ...]:
+    """A step's rollout windows spread over its micro-batches as evenly as can be (first ones get fewer)."""
+    return tuple((m + 1) * windows // grad_accum - m * windows // grad_accum for m in range(grad_accum))
 
 
 def run_config(name: str, student: str, data: Path, loss: LossConfig, optim: OptimConfig, cfg: TrainConfig,
-               train_manifest: Manifest, model_cfg: Gemma2Config, world: int) -> RunConfig:
+               train_manifest: Manifest, model_cfg: Gemma2Config, world: int,
+               onpolicy: OnPolicy | None = None, fixed: bool = True) -> RunConfig:
+    """`train_manifest`: the fixed cache's (`fixed` False, rollouts only with no fixed cache: the first rollout
+    cache's, `train_rows` then counting every rollout cache's windows)."""
     meta = train_manifest.meta
     tokens_per_step = cfg.batch_size * world * grad_accum_for(cfg, world, meta.seq_len) * meta.seq_len
     is_cache = isinstance(meta, LogitsMeta)
+    record = None
+    if onpolicy is not None:
+        record = onpolicy.record(cfg.onpolicy_fraction, onpolicy_windows(cfg, tokens_per_step // meta.seq_len), fixed)
     return RunConfig(
         name=name, student=student, model=model_cfg.to_hf(), data=str(data),
         cache=DataRef(kind=meta.kind, tokenizer_fingerprint=meta.tokenizer_fingerprint, seq_len=meta.seq_len,
-                      vocab_size=meta.vocab_size, train_rows=train_manifest.rows,
+                      vocab_size=meta.vocab_size, train_rows=train_manifest.rows if fixed else onpolicy.rows,  # type: ignore[union-attr]
                       teacher_fingerprint=meta.teacher_fingerprint if is_cache else None,
                       topk=meta.topk if is_cache else None, samples=meta.samples if is_cache else None,
                       format=meta.format),
-        loss=dataclasses.asdict(loss), optim=dataclasses.asdict(optim), train=_train_settings(cfg),
+        loss=_loss_settings(loss), optim=dataclasses.asdict(optim), train=_train_settings(cfg),
         world_size=world, total_steps=max(1, cfg.max_tokens // tokens_per_step),
         tokens_per_step=tokens_per_step, parameters=model_cfg.num_parameters(),
+        onpolicy_round=onpolicy.round if onpolicy is not None else None, onpolicy=record,
     )
 
 
 def _train_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The recorded settings; `select` only when set, so runs recorded before it existed still resume."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "select" or v}
+    """The recorded settings; `select` only when set, so runs recorded before it existed still resume. The
+    on-policy settings go to the run config's `onpolicy` record instead."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if (k != "select" or v) and k not in ("onpolicy_fraction", "allow_stale_rounds")}
+
+
+def _loss_settings(loss: LossConfig) -> dict[str, Any]:
+    """The recorded loss; `is_clip` only for reverse-kl (which reads it), so runs recorded before it existed
+    still resume."""
+    return {k: v for k, v in dataclasses.asdict(loss).items() if k != "is_clip" or loss.kind == "reverse-kl"}
 
 
 # Settings a resumed run may change: they decide how the same global steps are computed, evaluated, saved
@@ -461,7 +686,7 @@ def check_same_run(out: Path, config: RunConfig) -> None:
 
 def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, out: Path, loss: LossConfig,
             optim: OptimConfig, cfg: TrainConfig, tokenizer: Path, runtime: Runtime, resume: bool,
-            select: Thresholds | None = None) -> Run:
+            select: Thresholds | None = None, onpolicy: OnPolicy | None = None, fixed: bool = True) -> Run:
     """Builds the model where it trains (sharded under FSDP), the optimizer and the reader (with the data
     selection, if any), and restores the checkpoint when resuming; otherwise clears the folder of any earlier
     run."""
@@ -507,10 +732,18 @@ def prepare(name: str, config: RunConfig, model_cfg: Gemma2Config, data: Path, o
         if runtime.is_main:
             _trim_metrics(out / "metrics.jsonl", state["step"])
     runtime.barrier()
-    stream = ShardStream(data / "train", loss_columns(loss), ReaderConfig(cfg.batch_size, cfg.shuffle_tokens, cfg.seed),
-                         runtime, cursor, select=select)
+    grad_accum = grad_accum_for(cfg, runtime.world, config.cache.seq_len)
+    mix = None
+    if onpolicy is not None:
+        assert config.onpolicy is not None
+        mix = Mix(tuple(f / "train" for f in onpolicy.folders), onpolicy_columns(loss),
+                  micro_counts(config.onpolicy["windows_per_step"], grad_accum))
+    trains_fixed = mix is None or cfg.onpolicy_fraction < 1
+    stream = ShardStream(data / "train" if trains_fixed else None, loss_columns(loss),
+                         ReaderConfig(cfg.batch_size, cfg.shuffle_tokens, cfg.seed), runtime, cursor, select=select,
+                         mix=mix)
     run = Run(name, data, out, loss, optim, cfg, config, tokenizer, runtime, wrapped, params, optimizer, stream,
-              grad_accum_for(cfg, runtime.world, config.cache.seq_len), dtype)
+              grad_accum, dtype, evaluates=fixed)
     if state is not None:
         run.step, run.wall, run.bad, run.saved_step = state["step"], state["wall_s"], state["bad_steps"], state["step"]
     return run
@@ -534,7 +767,10 @@ def train_step(run: Run) -> tuple[float, float, bool]:
     for micro in range(run.grad_accum):
         arrays = run.stream.next_batch()
         trained += int(arrays["label_mask"].sum())
+        rows = arrays.pop(ONPOLICY, None)
         batch = to_torch(arrays, runtime.device)
+        if rows is not None:
+            batch[ONPOLICY] = torch.as_tensor(rows).to(runtime.device)
         del arrays
         with parallel.gradient_sync(run.wrapped, micro == run.grad_accum - 1):
             with autocast(run.dtype, runtime.device):
@@ -542,9 +778,16 @@ def train_step(run: Run) -> tuple[float, float, bool]:
             value.backward()
         running += value.detach()
         del batch, value
-    # One all-reduce for the step's summed loss and its trained positions over every rank.
-    totals = parallel.all_reduce_sum(torch.stack([running, torch.tensor(float(trained), device=runtime.device)]),
-                                     runtime)
+    # One all-reduce for the step's summed loss and its trained positions over every rank (and the importance
+    # weights' sums, with reverse-kl).
+    student = parallel.unwrap(run.wrapped)
+    sums = [running, torch.tensor(float(trained), device=runtime.device)]
+    if run.loss.kind == "reverse-kl":
+        sums += [student.stats.get(k, torch.zeros(())).to(runtime.device).float() for k in IS_SUMS]
+    totals = parallel.all_reduce_sum(torch.stack(sums), runtime)
+    if run.loss.kind == "reverse-kl":
+        _gather_is_stats(run, student.stats, totals[2:])
+    student.stats.clear()
     positions = totals[1].clamp(min=1.0)
     trainable = [p for _, p in run.params]
     # DDP and FSDP average gradients over ranks: world / positions turns each rank's sums into the global mean.
@@ -559,6 +802,36 @@ def train_step(run: Run) -> tuple[float, float, bool]:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return loss.item(), norm.item(), finite
+
+
+IS_SUMS = ("is_tokens", "is_sum", "is_weight_sum", "is_clipped", "rkl_sum")
+
+
+def _gather_is_stats(run: Run, stats: dict[str, torch.Tensor], sums: torch.Tensor) -> None:
+    """Adds one step's importance-weight statistics (summed over ranks; min and max reduced) to the run's
+    running ones, which the next metrics line reports and resets."""
+    inf = torch.tensor(float("inf"), device=run.runtime.device)
+    ends = torch.stack([-stats.get("is_min", inf).to(inf.device).float(), stats.get("is_max", -inf).to(inf.device).float()])
+    if run.runtime.world > 1:
+        torch.distributed.all_reduce(ends, op=torch.distributed.ReduceOp.MAX)
+    acc = run.is_stats
+    for key, value in zip(IS_SUMS, sums.tolist()):
+        acc[key] = acc.get(key, 0.0) + value
+    acc["is_min"] = min(acc.get("is_min", math.inf), -ends[0].item())
+    acc["is_max"] = max(acc.get("is_max", -math.inf), ends[1].item())
+
+
+def is_metrics(run: Run) -> dict[str, float]:
+    """The importance weights p_S(y)/μ(y) of the rollout tokens since the last metrics line: the ratio's
+    mean, min and max, the share clipped at --is-clip, the mean weight used, and the rollout tokens' mean
+    reverse-KL estimate (nats/token); then reset."""
+    acc, run.is_stats = run.is_stats, {}
+    n = acc.get("is_tokens", 0.0)
+    if not n:
+        return {}
+    return {"is_mean": acc["is_sum"] / n, "is_min": acc["is_min"], "is_max": acc["is_max"],
+            "is_clipped": acc["is_clipped"] / n, "is_weight_mean": acc["is_weight_sum"] / n,
+            "onpolicy_rkl": acc["rkl_sum"] / n, "onpolicy_tokens": n}
 
 
 def run_eval(run: Run, limit: int) -> dict[str, float]:
@@ -670,8 +943,9 @@ def loop(run: Run) -> None:
                 last_time, last_step = now, step
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 log(run, {"step": step, "tokens": step * run.tokens_per_step, "loss": loss, "grad_norm": norm,
-                          "lr": lr_at(step - 1, total, run.optim), "tok_s": tok_s, "wall_s": run.wall})
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                          "lr": lr_at(step - 1, total, run.optim), "tok_s": tok_s, "wall_s": run.wall,
+                          **is_metrics(run)})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total and run.evaluates:
                 log(run, {"step": step, "tokens": step * run.tokens_per_step, "eval": "periodic",
                           **run_eval(run, cfg.eval_windows)})
             if step < total and not run.bad and _save_due(run, now - last_save):  # never in a run of bad steps
@@ -681,16 +955,35 @@ def loop(run: Run) -> None:
         bar.close()  # before any error line, which must come last
 
 
-def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, optim: OptimConfig, cfg: TrainConfig,
-          tokenizer: Path | None = None, resume: bool = True) -> dict[str, Any]:
-    """Trains one model; returns the final validation metrics. A finished run (same settings) is not redone."""
-    train_manifest, loss = check_splits(data, loss)
+def train(name: str, student: str, data: Path | None, out: Path, loss: LossConfig, optim: OptimConfig,
+          cfg: TrainConfig, tokenizer: Path | None = None, resume: bool = True,
+          onpolicy: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Trains one model; returns the final validation metrics. A finished run (same settings) is not redone.
+    `onpolicy`: rollout caches mixed in at `cfg.onpolicy_fraction`; `data` (the fixed cache) may then be None
+    when the fraction is 1 (no validation then: the final metrics hold the run's size and time only)."""
+    fixed = data is not None
+    if data is None:
+        if not onpolicy or cfg.onpolicy_fraction != 1:
+            raise PipelineError("no fixed cache (--cache): only --onpolicy-fraction 1 trains on rollout caches alone")
+        data = Path(onpolicy[0])
+        train_manifest = open_split(data / "train")
+        loss = resolve_loss(loss, train_manifest.meta, data)
+    else:
+        train_manifest, loss = check_splits(data, loss)
     meta = train_manifest.meta
-    select = resolve_selection(Selection.parse(cfg.select), meta, train_manifest.stats, data / "train")
+    rollouts = resolve_onpolicy(tuple(map(Path, onpolicy)), cfg, loss, meta if fixed else None) if onpolicy else None
+    if rollouts is not None and loss.kind == "reverse-kl":
+        for folder, m in zip(rollouts.folders, rollouts.metas):
+            resolve_loss(loss, m, folder)  # the rollout caches' τ
+    elif loss.kind == "reverse-kl":
+        raise PipelineError("--loss reverse-kl trains on the student's own samples: pass rollout caches with --onpolicy "
+                            "(`make rollouts`, then `make teacher-logits TOKENS=...`)")
+    select = resolve_selection(Selection.parse(cfg.select), meta, train_manifest.stats, data / "train") if fixed else None
     tok_path = find_tokenizer(data, tokenizer, meta.tokenizer_fingerprint)
     model_cfg = resolve_student(student, meta.vocab_size)
     runtime = Runtime.from_env(60 * cfg.timeout_minutes)
-    config = run_config(name, student, data, loss, optim, cfg, train_manifest, model_cfg, runtime.world)
+    config = run_config(name, student, data, loss, optim, cfg, train_manifest, model_cfg, runtime.world, rollouts,
+                        fixed)
     if resume and (out / FINISHED).is_file():
         check_same_run(out, config)
         if runtime.is_main:
@@ -699,20 +992,34 @@ def train(name: str, student: str, data: Path, out: Path, loss: LossConfig, opti
             if note:
                 print(f"{name}: {note}; --no-resume retrains it on the cache there now", file=sys.stderr)
         return read_json(out / FINISHED, "the finished run's metrics")["final"]
-    check_training(model_cfg, loss, cfg, meta, runtime.device, runtime.world)  # on a GPU: refuses what cannot fit
-    run = prepare(name, config, model_cfg, data, out, loss, optim, cfg, tok_path, runtime, resume, select)
+    check_training(model_cfg, fixed_loss(loss), cfg, meta, runtime.device, runtime.world)  # on a GPU: what cannot fit
+    run = prepare(name, config, model_cfg, data, out, loss, optim, cfg, tok_path, runtime, resume, select, rollouts,
+                  fixed)
+    if rollouts is not None and run.step == 0 and runtime.is_main:
+        record = config.onpolicy or {}
+        print(f"{name}: on-policy round {rollouts.round}: {record['windows_per_step']} of {config.tokens_per_step // meta.seq_len} "
+              f"windows a step from {len(rollouts.folders)} rollout cache(s) (lag {', '.join(map(str, rollouts.lags))} "
+              f"round(s)), loss {loss.kind}", file=sys.stderr)
     if select is not None and run.step == 0:
         log(run, {"step": 0, "selection": select.summary()})
     try:
         loop(run)
         save_checkpoint(run)  # the training is safe before the final evaluation and export
-        final = {**run_eval(run, cfg.eval_windows), "wall_s": run.wall, "tokens": run.step * run.tokens_per_step,
-                 "parameters": run.config.parameters}
+        final = {**(run_eval(run, cfg.eval_windows) if run.evaluates else {}), "wall_s": run.wall,
+                 "tokens": run.step * run.tokens_per_step, "parameters": run.config.parameters}
         log(run, {"step": run.step, "eval": "final", **final})
         export(run)
         if runtime.is_main:
-            write_json(out / FINISHED, {"final": final, "step": run.step,
-                                        "cache": {"path": str(data), "fingerprint": cache_fingerprint(data)}})
+            record: dict[str, Any] = {"final": final, "step": run.step}
+            if fixed:
+                record["cache"] = {"path": str(data), "fingerprint": cache_fingerprint(data)}
+            if rollouts is not None:
+                record["onpolicy_round"] = rollouts.round
+                record["onpolicy"] = [{"path": str(f), "fingerprint": fp, "round": int(m.rollouts["round"]),  # type: ignore[index]
+                                       "lag": lag}
+                                      for f, fp, m, lag in zip(rollouts.folders, rollouts.fingerprints, rollouts.metas,
+                                                               rollouts.lags)]
+            write_json(out / FINISHED, record)
         runtime.barrier()
     finally:
         run.stream.close()

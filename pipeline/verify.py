@@ -200,6 +200,8 @@ def verify_cache(cache: Path, cfg: VerifyConfig, teacher: Path | None = None,
     report = Report()
     manifests = {}
     for split in SPLITS:
+        if split != "train" and _train_only(cache / split, manifests.get("train")):
+            continue
         manifest = _read_split_manifest(cache / split, report)
         if manifest is not None:
             manifests[split] = manifest
@@ -244,6 +246,11 @@ def _await_findings(cache: Path, rank: int, run: str, poll_s: float) -> dict[str
         if isinstance(raw, dict) and raw.get("run") == run:
             return raw
         time.sleep(poll_s)
+
+
+def _train_only(folder: Path, train: Manifest | None) -> bool:
+    """A cache of rollouts has a train split only (`make rollouts` writes no val split): no val folder is fine."""
+    return train is not None and train.meta.rollouts is not None and not folder.exists()
 
 
 def _read_split_manifest(folder: Path, report: Report) -> Manifest | None:

@@ -16,6 +16,11 @@ cache was captured with another; caches without the field are τ = 1):
 K = 0 is pure sampling (RS-KD): no top-K columns, `tail_mass` 1, the N draws from the full distribution.
 The metadata's `capture_dtype` is the teacher's dtype in stage one (absent in older caches).
 
+A cache of rollouts (token shards from `make rollouts`: a model's own samples) carries the token shards'
+`behaviour_logprob` [T] float16 unchanged (the sampling model's log-prob of each generated token, 0 elsewhere;
+schemas/tokens.py), always has the signals, and its metadata's `rollouts` is the token shards' (which model
+sampled, its round, the sampling settings); None otherwise.
+
 Encodings, recorded in the metadata (absent: the older "probability" / "float16"):
 - `id_coding` "probability": ids most likely first; "ascending": ids ascending within a position, their
   log-probs beside them; "delta": ascending, stored as the first id then the gaps between neighbours (the
@@ -45,7 +50,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from schemas.common import check_kind, check_schema, fixed_lists, from_json, read_file_meta
-from schemas.tokens import label_mask, window_columns
+from schemas.tokens import BEHAVIOUR, label_mask, window_columns
 
 LOGITS_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -71,7 +76,8 @@ ALSO_READ = {"topk_logprobs": ("tail_mass",)}
 # Tensor dtypes in stage two: ids index embeddings (int64); every weight is float32.
 TORCH_DTYPES = {"input_ids": torch.long, "topk_ids": torch.long, "sample_ids": torch.long,
                 "topk_logprobs": torch.float32, "tail_mass": torch.float32, "sample_counts": torch.float32,
-                "label_logprob": torch.float32, "entropy": torch.float32, "label_mask": torch.bool}
+                "label_logprob": torch.float32, "entropy": torch.float32, "label_mask": torch.bool,
+                BEHAVIOUR: torch.float32}
 ID_CODINGS = ("probability", "ascending", "delta")
 LOGPROB_CODINGS = ("float16", "q8")
 Q8_MAX = 255
@@ -133,6 +139,7 @@ class LogitsMeta:
     signals: bool = False
     float16_split: bool = True  # float16 columns byte-stream-split (older caches); False: DuckDB reads them
     sampling: str = "iid"  # how the draws were made (pipeline/topk.py): iid or stratified
+    rollouts: dict[str, Any] | None = None  # a cache of rollouts: the token shards' `rollouts` (schemas/tokens.py)
 
     @property
     def encoding(self) -> Encoding:
@@ -166,10 +173,11 @@ class Targets:
 
 
 def logits_schema(seq_len: int, topk: int, samples: int, chat: bool = False, version: int = LOGITS_VERSION,
-                  encoding: Encoding = Encoding()) -> pa.Schema:
+                  encoding: Encoding = Encoding(), behaviour: bool = False) -> pa.Schema:
+    """`behaviour`: a cache of rollouts, whose window columns include `behaviour_logprob`."""
     from schemas.tokens import token_schema
 
-    window = list(token_schema(seq_len, chat)) if version >= 2 else list(token_schema(seq_len))[:2]
+    window = list(token_schema(seq_len, chat, behaviour)) if version >= 2 else list(token_schema(seq_len))[:2]
     logprob = pa.uint8() if encoding.logprob_coding == "q8" else pa.float16()
     fields = list(window)
     if topk > 0:  # pure sampling (K = 0) has no top-K columns: Arrow has no lists of size 0
@@ -196,7 +204,7 @@ def row_bytes(seq_len: int, topk: int, samples: int) -> int:
 
 def schema_of(meta: LogitsMeta) -> pa.Schema:
     return logits_schema(meta.seq_len, meta.topk, meta.samples, meta.format == "chat", meta.schema_version,
-                         meta.encoding)
+                         meta.encoding, meta.rollouts is not None)
 
 
 # Leaf types that Parquet's BYTE_STREAM_SPLIT takes (stored as FLOAT, INT32, INT64 or FIXED_LEN_BYTE_ARRAY).
@@ -241,11 +249,13 @@ def quantise(logprobs: np.ndarray, step: float) -> np.ndarray:
 
 
 def encode(targets: Targets, windows: np.ndarray, input_ids: np.ndarray, continued: np.ndarray, schema: pa.Schema,
-           loss_mask: np.ndarray | None = None, encoding: Encoding = Encoding()) -> pa.Table:
-    """Arrow table in the logits schema for one batch of windows."""
+           loss_mask: np.ndarray | None = None, encoding: Encoding = Encoding(),
+           behaviour_logprob: np.ndarray | None = None) -> pa.Table:
+    """Arrow table in the logits schema for one batch of windows (`behaviour_logprob`: a cache of rollouts,
+    the token shards' column, float16 values passed through unchanged)."""
     b, t = targets.tail_mass.shape
     k = targets.topk_ids.shape[-1]
-    columns = window_columns(windows, input_ids, continued, loss_mask)
+    columns = window_columns(windows, input_ids, continued, loss_mask, behaviour_logprob)
     if k:
         ids, lp = targets.topk_ids, targets.topk_logprobs
         if encoding.ascending:

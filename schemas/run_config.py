@@ -44,6 +44,10 @@ class RunConfig:
     total_steps: int
     tokens_per_step: int
     parameters: int
+    # Trained on rollout caches (on-policy rounds, pipeline/train.py `OnPolicy`): the newest cache's round, and
+    # the caches' identities, the mix and the init model's lineage. None: not trained on rollouts.
+    onpolicy_round: int | None = None
+    onpolicy: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**to_json(self), "cache": to_json(self.cache)}

@@ -21,7 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 
 STAGES = ("tokenize", "teacher", "teacher_logits", "train_student", "report", "merge", "inspect", "verify", "demo",
-          "generate", "demo_chat", "plan")
+          "generate", "demo_chat", "plan", "rollouts", "onpolicy", "demo_onpolicy", "reward_model", "rlhf",
+          "demo_rlhf")
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

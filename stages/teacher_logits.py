@@ -1,7 +1,9 @@
 """`make teacher-logits`: the teacher over token shards → top-K logit shards + manifests (resumable: a rerun
 captures only the shards without a capture record for its settings, and on a finished cache reads no shard;
 under `accelerate launch`/torchrun rank 0 plans and the shards left are split across ranks by tokens, and the
-ranks never wait for each other in a collective that can time out). `--cache-preset compact` (`CACHE_PRESET=compact`) sets the
+ranks never wait for each other in a collective that can time out). `--tokens` (`TOKENS=`) may be a folder of
+rollouts (`make rollouts`: train/ only): the cache then carries their `behaviour_logprob` and records which
+model sampled them. `--cache-preset compact` (`CACHE_PRESET=compact`) sets the
 measured compact setting's flags as defaults; flags given explicitly still win."""
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p = stage_parser("teacher_logits", __doc__)
     p.add_argument("--teacher", type=Path, help="Hugging Face Gemma 2 directory with tokenizer.model (default: "
                                                 "WORK/teacher)")
-    p.add_argument("--tokens", type=Path, help="token shards folder with train/ and val/ (default: WORK/tokens)")
+    p.add_argument("--tokens", type=Path, help="token shards folder with train/ and val/, or train/ alone (rollouts "
+                                               "from `make rollouts`) (default: WORK/tokens)")
     p.add_argument("--cache", type=Path, help="logit shards folder to write (default: WORK/logits)")
     add_settings(p, TopKConfig)
     add_settings(p, CaptureConfig)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                               "logprob_coding": m.meta.logprob_coding,
                               "mean_tail_mass": round(m.stats.mean_tail_mass, 4),
                               "mean_teacher_entropy": round(m.stats.mean_teacher_entropy, 4),
-                              "temperature": m.meta.temperature, "dtype": m.meta.capture_dtype}
+                              "temperature": m.meta.temperature, "dtype": m.meta.capture_dtype,
+                              **({"rollouts": m.meta.rollouts} if m.meta.rollouts else {})}
                           for s, m in manifests.items()}))
 
 

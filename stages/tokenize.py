@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 from pipeline.corpus import CorpusSpec
+from pipeline.errors import PipelineError
 from pipeline.filters import FilterConfig
+from pipeline.preferences import PreferenceConfig, build_preferences
 from pipeline.runtime import Runtime
 from pipeline.tokenizer import Tokenizer
 from pipeline.tokens import TokenizeConfig, build_token_shards, train_tokenizer
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     work = layout(args)
     cfg, spec = build(TokenizeConfig, args), build(CorpusSpec, args)
     runtime = Runtime.from_env()
+    if spec.format == "preference":
+        preferences(args, spec, cfg, work.preferences, runtime)
+        return
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else train_tokenizer(spec, cfg)
     manifests = build_token_shards(spec, tokenizer, args.tokens or work.tokens, cfg, runtime, build(FilterConfig, args))
     if runtime.is_main:  # after the shards: a run refused on its input leaves no folder behind
@@ -47,6 +52,27 @@ def main(argv: list[str] | None = None) -> None:
                               "available_tokens": m.stats.available_tokens,
                               **{k: v for k, v in (("filters", m.stats.filters), ("conversations", m.stats.conversations))
                                  if v is not None}} for s, m in manifests.items()}))
+
+
+def preferences(args: argparse.Namespace, spec: CorpusSpec, cfg: TokenizeConfig, default: Path,
+                runtime: Runtime) -> None:
+    """FORMAT=preference: a file of prompt/chosen/rejected rows → preference shards (schemas/preferences.py) in
+    `--tokens` (default WORK/preferences), the input of `make reward-model PREFERENCES=<that folder>`. One
+    process (rank 0): the pairs are a post-training set, small next to a corpus."""
+    if args.tokenizer is None:
+        raise PipelineError("--format preference needs --tokenizer (TOKENIZER=): the reward model's BASE "
+                            "tokenizer.model, whose ids the reward model reads")
+    source = Path(spec.source)
+    if not source.is_file():
+        raise PipelineError(f"--corpus {spec.source}: --format preference reads one .jsonl/.json(.gz/.zst) or .parquet "
+                            "file of prompt/chosen/rejected rows")
+    if not runtime.is_main:
+        return
+    out = args.tokens or default
+    built = build_preferences(source, Tokenizer.load(args.tokenizer), out, PreferenceConfig(val_fraction=cfg.val_fraction),
+                              build(FilterConfig, args), threads=cfg.workers)
+    print(json.dumps({"preferences": str(out), **{s: m.rows for s, m in built.items()},
+                      "counts": {k: v for k, v in built["train"].counts.items() if v}}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """`make train-student`: trains every student in STUDENTS from one teacher logit cache (or, with --loss ce,
 from the same cache's tokens: the from-scratch twin). Each goes to STUDENT_DIR/<name>/ as a Hugging Face
 Gemma 2 directory with its training state, metrics.jsonl and run_config.json. `--select` (`SELECT=`) keeps or
-drops windows or positions by the teacher's loss or entropy stored in the cache (pipeline/select.py)."""
+drops windows or positions by the teacher's loss or entropy stored in the cache (pipeline/select.py).
+On-policy rounds: `--onpolicy DIR ...` (`ONPOLICY=`) mixes rollout caches (the teacher's pass over a student's
+own samples) into every step at `--onpolicy-fraction` λ, from `--init-from` the student that sampled them;
+`--loss reverse-kl` trains them by the importance-weighted reverse-KL estimate (pipeline/losses.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint import cache_fingerprint
 from pipeline.losses import LossConfig
 from pipeline.train import OptimConfig, TrainConfig, train
 from stages._cli import add_settings, build, layout, parse, run, stage_parser
@@ -36,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
                         f"(default: {' '.join(DEFAULT_STUDENTS)})")
     p.add_argument("--cache", type=Path, help="the logit cache (or token shards, for --loss ce); default WORK/logits")
     p.add_argument("--students", type=Path, help="parent folder of the students (default: WORK/students)")
+    p.add_argument("--onpolicy", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="rollout caches (`make teacher-logits` over `make rollouts`' shards) mixed into every step at "
+                        "--onpolicy-fraction; with --init-from the model that sampled them (default: none)")
     add_settings(p, LossConfig)
     add_training_flags(p)
     return p
@@ -55,10 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     loss, optim, cfg = build(LossConfig, args), build(OptimConfig, args), build(TrainConfig, args)
     students = [s for spec in (args.student or DEFAULT_STUDENTS) for s in spec.split()]
     cache, out = args.cache or work.cache, args.students or work.students
+    onpolicy = tuple(args.onpolicy or ())
+    if onpolicy and cfg.onpolicy_fraction == 1 and args.cache is None and cache_fingerprint(cache) is None:
+        cache = None  # rollouts only, and no fixed cache in WORK: trained without one (and not evaluated)
     try:
         for spec in students:
             name, spec = split_spec(spec)
-            final = train(name, spec, cache, out / name, loss, optim, cfg, args.tokenizer, args.resume)
+            final = train(name, spec, cache, out / name, loss, optim, cfg, args.tokenizer, args.resume, onpolicy)
             if int(os.environ.get("RANK", 0)) == 0:
                 print(json.dumps({"student": name, **{k: round(v, 4) for k, v in final.items()}}), flush=True)
     finally:

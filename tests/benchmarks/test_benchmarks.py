@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import fidelity, reader, restart, storage, student_step, teacher
+from benchmarks import fidelity, filters, reader, restart, storage, student_step, teacher
 from benchmarks import tokenize as tokenize_bench
 from pipeline.capture import CaptureConfig, capture
 from pipeline.topk import TopKConfig
@@ -79,3 +79,12 @@ def test_restart_benchmark_builds_a_cache_and_times_the_stage(tokenizer, tmp_pat
     assert result["shards"] == 40 and all(positive(r["seconds"]) for r in result["rows"]), result["rows"]
     rates = restart.verify_rates(tmp_path, windows=2, seq_len=16, topk=4, samples=2, vocab=512)
     assert all(positive(rates[k]) for k in ("footer_ms", "sha256_mb_s", "values_positions_s")), rates
+
+
+def test_filters_benchmark_decides_the_planted_copies_within_its_budget():
+    result = filters.run(documents=3000, unit_docs=500, memory_mb=0.05)
+    assert result["partitions"] > 1 and result["records_held_max"] <= result["records_budget"]
+    # every planted exact copy is dropped as exact; near copies as near (a few more near pairs may exist by chance)
+    assert result["exact_dropped"] == result["exact_planted"] > 0, result
+    assert result["near_dropped"] >= result["near_planted"] > 0, result
+    assert positive(float(result["docs_per_s"]["partitions"])) and result["peak_partition_of_budget"] > 0

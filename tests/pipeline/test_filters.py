@@ -102,7 +102,7 @@ def test_lsh_bands_follow_the_threshold():
         assert abs((1 / b) ** (1 / r) - threshold) < 0.1  # the S-curve's steepest point sits near the threshold
 
 
-def test_decide_keeps_first_occurrences_in_unit_order():
+def test_decide_keeps_first_occurrences_in_unit_order(tmp_path):
     """Unit 1 repeats a document of unit 0 and one of itself: the later copies go, whatever unit they are in."""
     flt = FilterConfig(filters="exact", min_chars=3).resolve("text")
     units = []
@@ -113,7 +113,7 @@ def test_decide_keeps_first_occurrences_in_unit_order():
             s.update(t)
             sketches.add(s)
         units.append(sketches.arrays(flt))
-    codes = decide(units, flt)
+    codes = decide(units, flt, tmp_path)
     E, L = filters.EXACT, filters.LENGTH
     assert [c.tolist() for c in codes] == [[0, 0, L], [E, 0, E, E]]
 

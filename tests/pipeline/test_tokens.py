@@ -243,3 +243,37 @@ def test_a_corpus_without_documents(tmp_path, tokenizer):
 def test_missing_corpus_path(tmp_path):
     with pytest.raises(PipelineError, match="no such file or folder"):
         list(iter_documents(CorpusSpec(str(tmp_path / "nope.txt"))))
+
+
+def test_a_worker_gets_its_own_units_not_the_plan(tmp_path, tokenizer, corpus_dir, monkeypatch):
+    from pipeline import tokens
+    from pipeline.corpus import plan_units
+    from pipeline.runtime import Runtime
+
+    seen = []
+    monkeypatch.setattr(tokens, "_work", seen.append)
+    spec = CorpusSpec(str(corpus_dir))
+    build_token_shards(spec, tokenizer, tmp_path / "t", TokenizeConfig(seq_len=16, unit_bytes=1500),
+                       Runtime(rank=1, world=2))
+    plan = plan_units(spec, 1500)
+    [job] = seen
+    assert job.plan == () and job.mine == tuple(u for u in plan if u.index % 2 == 1) and job.units == len(plan)
+
+
+def test_a_worker_tokenizes_no_unit_past_the_caps(tmp_path, tokenizer, corpus_dir, monkeypatch):
+    """It reads the records of the units before its own (checked against the plan's digests, as it holds no
+    plan) and skips a unit once they cover both caps."""
+    from pipeline import tokens
+
+    calls, real = [], tokens._tokenize_unit
+
+    def counted(job, unit, *args):
+        calls.append(unit.index)
+        real(job, unit, *args)
+
+    monkeypatch.setattr(tokens, "_tokenize_unit", counted)
+    cfg = TokenizeConfig(seq_len=16, unit_bytes=1500, corpus_tokens=300, val_tokens=40)
+    build_token_shards(CorpusSpec(str(corpus_dir)), tokenizer, tmp_path / "t", cfg)
+    kept = sorted(int(p.stem) for p in (tmp_path / "t" / "units").glob("0*.json"))
+    assert calls == kept == list(range(len(kept))) and len(kept) < len(tokens.plan_units(CorpusSpec(str(corpus_dir)),
+                                                                                              1500))

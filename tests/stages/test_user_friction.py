@@ -30,7 +30,8 @@ def test_make_help_says_which_variables_several_stages_share():
     out = subprocess.run([sys.executable, "-m", "stages.help", *_settings()], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert "shared by 3 stages" in lines["SEED"] and "train_student --seed" in lines["SEED"]
+    assert "shared by 6 stages" in lines["SEED"] and "train_student --seed" in lines["SEED"]
+    assert "rollouts --seed" in lines["SEED"] and "rlhf --seed" in lines["SEED"]
     assert "shared" not in lines["VOCAB"]
     assert "generate --temperature" in lines["GEN_TEMPERATURE"]  # its own name: TEMPERATURE is the cache's τ
     assert "generate" not in lines["TEMPERATURE"] and "teacher_logits --temperature" in lines["TEMPERATURE"]
