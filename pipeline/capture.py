@@ -56,7 +56,7 @@ import torch
 from pipeline.checkpoint import load_config, load_model, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.fsutil import cached_sha256, list_names, sha256_file, stale_tmp, write_json
-from pipeline.layout import SPLITS
+from pipeline.layout import splits_of
 from pipeline.progress import progress
 from pipeline.runtime import Runtime, teacher_dtype
 from pipeline.select import add_histograms, batch_histograms, histograms_from_json, histograms_to_json
@@ -189,9 +189,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str, ...]) -> dict[str, Manifest]:
+def check_teacher_matches_tokens(teacher: Path, tokens: Path) -> dict[str, Manifest]:
     """Before any work: the teacher directory exists, same tokenizer, every id below the teacher's vocabulary,
-    no id of the teacher without a piece of the tokenizer, windows within the teacher's positions."""
+    no id of the teacher without a piece of the tokenizer, windows within the teacher's positions. Returns the
+    manifests of the splits to capture (`splits_of`: train alone for rollouts)."""
     if not teacher.is_dir():
         raise PipelineError(f"{teacher}: no such teacher directory; pass TEACHER= (--teacher) a Hugging Face Gemma 2 "
                             "directory (config.json, safetensors weights, tokenizer.model)")
@@ -207,7 +208,9 @@ def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str,
             f"{teacher / 'config.json'}: vocab_size {vocab} exceeds the {tokenizer.vocab_size} pieces of {tok_path}: the "
             f"teacher could predict ids {tokenizer.vocab_size}..{vocab - 1}, which no piece decodes; use the "
             "tokenizer the teacher was trained with")
-    manifests = {s: read_manifest(tokens / s, "tokens", check_files=False) for s in splits}
+    train = read_manifest(tokens / "train", "tokens", check_files=False)
+    manifests = {s: train if s == "train" else read_manifest(tokens / s, "tokens", check_files=False)
+                 for s in splits_of(tokens, train.meta.rollouts is not None)}
     for split, manifest in manifests.items():
         if manifest.meta.seq_len > config.max_position_embeddings:
             raise PipelineError(
@@ -226,13 +229,6 @@ def check_teacher_matches_tokens(teacher: Path, tokens: Path, splits: tuple[str,
                 "the tokens were made for another model"
             )
     return manifests
-
-
-def token_splits(tokens: Path) -> tuple[str, ...]:
-    """The splits of a tokens folder to capture: train and val, or train alone when there is no val folder at
-    all (rollouts: `make rollouts` writes train only). A val folder without its manifest is an unfinished
-    split: still an error, where its manifest is read."""
-    return SPLITS if (tokens / "val").exists() or not (tokens / "train").is_dir() else ("train",)
 
 
 def limit_shards(manifest: Manifest, tokens: int) -> Manifest:
@@ -326,8 +322,8 @@ def _capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime
              run: str) -> dict[str, Manifest] | None:
     if cfg.topk.samples > 65535:
         raise PipelineError(f"--samples {cfg.topk.samples}: at most 65535 draws per position (uint16 counts)")
-    splits = token_splits(tokens)
-    manifests = check_teacher_matches_tokens(teacher, tokens, splits)
+    manifests = check_teacher_matches_tokens(teacher, tokens)
+    splits = tuple(manifests)
     if cfg.cache_tokens:
         manifests["train"] = limit_shards(manifests["train"], cfg.cache_tokens)
     vocab = load_config(teacher).vocab_size
@@ -369,7 +365,7 @@ def _capture(teacher: Path, tokens: Path, out: Path, cfg: CaptureConfig, runtime
 
 
 def plan(out: Path, jobs: list[Job], cfg: CaptureConfig,
-         splits: tuple[str, ...] = SPLITS) -> tuple[list[int], dict[str, Manifest], dict[str, CaptureRecord]]:
+         splits: tuple[str, ...]) -> tuple[list[int], dict[str, Manifest], dict[str, CaptureRecord]]:
     """Rank 0, before any rank writes: the indices of the jobs to do, the manifests that stay as they are, and
     the capture records it read. One listing of each split folder and of each record folder. A finished cache
     (every record listed, every manifest current) is left as it is: nothing per shard is opened or stat'ed.

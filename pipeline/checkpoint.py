@@ -173,16 +173,16 @@ def model_fingerprint(path: str | Path, file_hash: Callable[[Path], str] = sha25
     return digest.hexdigest()
 
 
-def cache_fingerprint(folder: str | Path) -> str | None:
+def cache_fingerprint(folder: str | Path, splits: tuple[str, ...] = ("train", "val")) -> str | None:
     """A cache's (or token shards') identity: sha256 over each split manifest's settings and its shards' names
     and sha256s (the manifests, never the data). None when a split has no manifest: no finished cache there.
     A student records it, so `report` and `train-student` can say when the cache it was trained on is gone or
-    was replaced."""
+    was replaced. `splits`: a rollout cache has a train split only (`train.split_fingerprint`)."""
     from schemas.common import to_json
     from schemas.manifest import read_manifest
 
     digest = hashlib.sha256()
-    for split in ("train", "val"):
+    for split in splits:
         try:
             manifest = read_manifest(Path(folder) / split, ("logits", "tokens"))
         except PipelineError:

@@ -623,15 +623,20 @@ def decide_partition(folder: Path, part: int, layout: Layout, filters: Filters) 
         counts["records"] += len(records)
         counts["held"] = max(counts["held"], seen + pending)
     merge()
-    pos = np.concatenate([p for p, _ in drops] + [np.zeros(0, np.uint64)])
-    code = np.concatenate([np.full(len(p), c, np.int8) for p, c in drops] + [np.zeros(0, np.int8)])
-    order = np.lexsort((code, pos))  # by position; exact before near where both dropped it
-    first = np.r_[True, pos[order][1:] != pos[order][:-1]] if len(pos) else np.zeros(0, bool)
-    out = np.zeros(int(first.sum()), DROP)
-    out["pos"], out["code"] = pos[order][first], code[order][first]
+    found = np.zeros(sum(len(p) for p, _ in drops), DROP)
+    found["pos"] = np.concatenate([p for p, _ in drops] + [np.zeros(0, np.uint64)])
+    found["code"] = np.concatenate([np.full(len(p), c, np.int8) for p, c in drops] + [np.zeros(0, np.int8)])
+    out = _first_drops(found)
     bounds = np.array([layout.unit_range(g)[0] for g in range(layout.groups)] + [layout.units], np.uint64)
     _save(_path(folder, PARTS, part), np.searchsorted(out["pos"], bounds << np.uint64(32)).astype(np.int64), out)
     return {**counts, "drops": len(out)}
+
+
+def _first_drops(drops: np.ndarray) -> np.ndarray:
+    """DROP rows sorted by position, one a position: where several filters dropped a document, the lowest code
+    (exact before near) names it."""
+    drops = drops[np.lexsort((drops["code"], drops["pos"]))]
+    return drops[np.r_[True, drops["pos"][1:] != drops["pos"][:-1]]] if len(drops) else drops
 
 
 def _merge(folder: Path, batch: list[tuple[int, np.ndarray]], state: dict[int, tuple[np.ndarray, np.ndarray]],
@@ -682,7 +687,8 @@ def _verify(folder: Path, later: np.ndarray, first: np.ndarray, drops: list[tupl
     step = layout.pairs_per_chunk()
     for a in range(0, len(later), step):
         x, y = later[a : a + step], first[a : a + step]
-        same = (signature_rows(folder, x) == signature_rows(folder, y)).mean(axis=1)
+        rows = signature_rows(folder, np.concatenate([x, y]))  # one read of each unit's file for both sides
+        same = (rows[: len(x)] == rows[len(x) :]).mean(axis=1)
         assert filters.near_threshold is not None
         drops.append((x[same >= filters.near_threshold], NEAR))
 
@@ -692,9 +698,7 @@ def gather_group(folder: Path, group: int, layout: Layout) -> list[str]:
     (`folder/decisions/`); returns the sha256 of each unit's decisions."""
     lo, hi = layout.unit_range(group)
     found = [_slice(_path(folder, PARTS, p), layout.groups + 1, DROP, group, 1) for p in range(layout.partitions)]
-    drops = np.concatenate(found) if found else np.zeros(0, DROP)
-    drops = drops[np.lexsort((drops["code"], drops["pos"]))]
-    drops = drops[np.r_[True, drops["pos"][1:] != drops["pos"][:-1]]] if len(drops) else drops
+    drops = _first_drops(np.concatenate(found) if found else np.zeros(0, DROP))
     units = (drops["pos"] >> np.uint64(32)).astype(np.int64)
     bounds = np.searchsorted(units, np.arange(lo, hi + 1))
     shas = []
@@ -712,13 +716,14 @@ def decision_path(folder: Path, unit: int) -> Path:
 
 
 def decide(units: Sequence[dict[str, np.ndarray]], filters: Filters, folder: Path,
-           memory_mb: float = 1024.0) -> list[np.ndarray]:
+           memory_mb: float | None = None) -> list[np.ndarray]:
     """Per unit, per document, a code (KEEP or what dropped it), with every job in this process: `units` in
-    unit order, each the arrays of `Sketches.arrays`; the files go under `folder`. `make tokens` runs the same
-    steps with the partitions and groups spread over its processes."""
+    unit order, each the arrays of `Sketches.arrays`; the files go under `folder`; `memory_mb` per deciding job
+    (None: `filters.memory_mb`, --filter-memory-mb). `make tokens` runs the same steps with the partitions and
+    groups spread over its processes."""
     counts = [write_unit(folder, i, u, filters) for i, u in enumerate(units)]
     layout = Layout.plan(len(units), sum(c["records"] for c in counts), sum(c["documents"] for c in counts),
-                         memory_mb)
+                         filters.memory_mb if memory_mb is None else memory_mb)
     for part in range(layout.partitions):
         decide_partition(folder, part, layout, filters)
     for group in range(layout.groups):

@@ -19,6 +19,13 @@ from pathlib import Path
 SPLITS = ("train", "val")
 
 
+def splits_of(folder: Path, rollouts: bool) -> tuple[str, ...]:
+    """The splits a tokens or logits folder must hold: train and val, except a folder of rollouts (`rollouts`
+    set in its train manifest's meta; `make rollouts` writes no val split) with no val folder, which holds
+    train alone. Any other folder without val is unfinished, and reading its val manifest says so."""
+    return ("train",) if rollouts and not (folder / "val").exists() else SPLITS
+
+
 @dataclass(frozen=True)
 class Layout:
     work: Path

@@ -60,12 +60,13 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.model import float32_mm, softcap_
 from pipeline.settings import setting
+from schemas.tokens import BEHAVIOUR
 
 KD_TARGETS = ("auto", "tail", "renorm", "sampled")
 KINDS = ("kd", "ce", "reverse-kl")
-BEHAVIOUR = "behaviour_logprob"  # schemas/tokens.py's column: the sampling model's log-prob of each generated token
-# What `reverse_kl_and_grad` adds to a `stats` sink (tensors, summed or reduced over micro-batches and ranks).
-IS_STATS = ("is_tokens", "is_sum", "is_weight_sum", "is_min", "is_max", "is_clipped", "rkl_sum")
+# What `reverse_kl_and_grad` adds to a `stats` sink: these tensors, summed over micro-batches and ranks, and
+# `is_min` / `is_max`, reduced.
+IS_SUMS = ("is_tokens", "is_sum", "is_weight_sum", "is_clipped", "rkl_sum")
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     """Per-row loss from float32 student logits z [c, V] and this chunk's targets."""
     if cfg.kind == "reverse-kl":  # written plainly: value w·k, gradient w·k·∇log p_S(y) through autograd
         logp = torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1)
-        coef = (importance_weights(logp.detach(), t.get(BEHAVIOUR), cfg.is_clip)[0]
+        coef = (importance_weights(logp.detach(), t[BEHAVIOUR], cfg.is_clip)[0]
                 * (logp.detach() - t["label_logprob"].float()))
         return coef + coef * (logp - logp.detach())
     ce = -torch.log_softmax(z, -1).gather(-1, t["labels"][:, None]).squeeze(-1) if "labels" in t else None
@@ -187,13 +188,10 @@ def row_losses(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> 
     return kd
 
 
-def importance_weights(logp: torch.Tensor, behaviour: torch.Tensor | None,
-                       clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(w, ratio): the ratio p_S(y)/μ(y) = exp(log p_S(y) − behaviour_logprob) (None without behaviour
-    log-probs) and the weight used, min(ratio, clip), or 1 with clip 0. No gradient flows through either."""
+def importance_weights(logp: torch.Tensor, behaviour: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, ratio): the ratio p_S(y)/μ(y) = exp(log p_S(y) − behaviour_logprob) and the weight used,
+    min(ratio, clip), or 1 with clip 0. No gradient flows through either."""
     with torch.no_grad():
-        if behaviour is None:
-            return torch.ones_like(logp), None
         ratio = torch.exp(logp.float() - behaviour.float())
         return (ratio.clamp(max=clip) if clip > 0 else torch.ones_like(ratio)), ratio
 
@@ -202,18 +200,19 @@ def reverse_kl_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossCo
                         stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows w·k and the gradient w·k·(onehot(y) − q) with respect to the float32 logits z [c, V] (∂ log q_y / ∂z
     = onehot(y) − q): the estimator of the module docstring, in closed form. `stats` (a dict) accumulates the
-    importance weights' spread (`IS_STATS`)."""
+    importance weights' spread (`IS_SUMS`, `is_min`, `is_max`)."""
     y = t["labels"][:, None]
     lse = torch.logsumexp(z, -1)
     logp = z.gather(-1, y).squeeze(-1) - lse
-    w, ratio = importance_weights(logp, t.get(BEHAVIOUR), cfg.is_clip)
+    w, r = importance_weights(logp, t[BEHAVIOUR], cfg.is_clip)
     coef = w * (logp.detach() - t["label_logprob"].float())
-    grad = torch.exp(z - lse[:, None]).mul_(-coef[:, None]).scatter_add_(-1, y, coef[:, None])
+    # q = exp(z − lse) built in one [c, V] buffer (z − lse[:, None] then .exp() would allocate two).
+    grad = torch.sub(z, lse[:, None]).exp_().mul_(-coef[:, None]).scatter_add_(-1, y, coef[:, None])
     if stats is not None and len(logp):
-        r = ratio if ratio is not None else w
-        add = {"is_tokens": torch.tensor(float(len(r)), device=r.device), "is_sum": r.sum(), "is_weight_sum": w.sum(),
-               "is_clipped": (r > cfg.is_clip).sum().float() if cfg.is_clip > 0 and ratio is not None
-               else torch.zeros((), device=r.device), "rkl_sum": coef.sum()}
+        # new_full, not torch.tensor(len(r), device=...): no blocking host-to-device copy per chunk.
+        add = {"is_tokens": r.new_full((), float(len(r))), "is_sum": r.sum(), "is_weight_sum": w.sum(),
+               "is_clipped": (r > cfg.is_clip).sum().float() if cfg.is_clip > 0 else r.new_zeros(()),
+               "rkl_sum": coef.sum()}
         for key, value in add.items():
             stats[key] = stats[key] + value if key in stats else value
         stats["is_min"] = torch.minimum(stats["is_min"], r.min()) if "is_min" in stats else r.min()
@@ -221,7 +220,8 @@ def reverse_kl_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossCo
     return coef, grad
 
 
-def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig,
+                  stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and its gradient with respect to the float32 logits z [c, V], in closed form.
 
     Every loss here is a soft cross-entropy −Σ_x w_x log q_x against some target weights w (with the tail
@@ -231,9 +231,10 @@ def loss_and_grad(z: torch.Tensor, t: dict[str, torch.Tensor], cfg: LossConfig) 
     The soft-cap bounds the logits, so every q_x ≥ e^(−2·cap)/V stays far above float32 underflow and
     log q can be taken from q itself. A student without a final soft-cap (null in its config) can drive a q
     to 0: log q is then taken at the smallest normal float32 (`_log`), so a target weight of 0 there adds 0,
-    not 0 · log 0 = NaN, and a positive one a large finite loss. `reverse-kl`: `reverse_kl_and_grad`."""
+    not 0 · log 0 = NaN, and a positive one a large finite loss. `reverse-kl`: `reverse_kl_and_grad`, which
+    alone fills `stats`."""
     if cfg.kind == "reverse-kl":
-        return reverse_kl_and_grad(z, t, cfg)
+        return reverse_kl_and_grad(z, t, cfg, stats)
     ce_rows = ce_grad = None
     if cfg.kind == "ce" or cfg.alpha < 1.0:
         labels = t["labels"][:, None]
@@ -303,8 +304,7 @@ class _ChunkedLoss(torch.autograd.Function):
             h = hidden[s : s + cfg.loss_chunk].to(dtype)
             chunk = {k: v[s : s + cfg.loss_chunk] for k, v in targets.items()}
             z = softcap_(float32_mm(h, w.T), cap)  # the student's final soft-cap, in place
-            rows, dz = (reverse_kl_and_grad(z, chunk, cfg, stats) if cfg.kind == "reverse-kl"
-                        else loss_and_grad(z, chunk, cfg))
+            rows, dz = loss_and_grad(z, chunk, cfg, stats)
             total += rows.sum()
             if need:
                 if cap is not None:  # through the soft-cap: d/dx cap·tanh(x/cap) = 1 − tanh², in place on z

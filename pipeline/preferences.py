@@ -33,6 +33,7 @@ Memory: two passes over the file (the second only re-reads it); between them, fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -52,7 +53,7 @@ from pipeline import chat
 from pipeline.chat import Turn
 from pipeline.corpus import Part, Piece, _blocks, file_kind, is_val, split_key
 from pipeline.errors import PipelineError
-from pipeline.filters import EXACT, KEEP, FilterConfig, Filters, Sketch, Sketches, decide, scrub
+from pipeline.filters import EXACT, KEEP, FilterConfig, Filters, Sketch, Sketches, decide, scrub_turns
 from pipeline.fsutil import atomic_path, write_json
 from pipeline.layout import SPLITS
 from pipeline.settings import setting
@@ -266,20 +267,11 @@ class _Rows:
             yield _Candidate(index, pair, split)
 
     def _scrub(self, pair: Pair) -> Pair:
-        prompt = []
-        for turn in pair.prompt:
-            text, found = scrub(turn.content)
-            prompt.append(Turn(turn.role, text))
-            self._pii(found)
-        chosen, found = scrub(pair.chosen)
-        self._pii(found)
-        rejected, found = scrub(pair.rejected)
-        self._pii(found)
-        return Pair(tuple(prompt), chosen, rejected)
-
-    def _pii(self, found: dict[str, int]) -> None:
+        """Every turn of the prompt and both replies scrubbed, the replacements counted per kind."""
+        turns, found = scrub_turns((*pair.prompt, Turn("model", pair.chosen), Turn("model", pair.rejected)))
         for kind, n in found.items():
             self.counts[f"pii_{kind}"] += n
+        return Pair(turns[:-2], turns[-2].content, turns[-1].content)
 
     def _length_ok(self, pair: Pair) -> bool:
         prompt = sum(len(t.content.strip()) for t in pair.prompt)
@@ -359,7 +351,8 @@ def build_preferences(source: Path, tokenizer: Tokenizer, out: Path, cfg: Prefer
 def _duplicates(source: Path, cfg: PreferenceConfig, filters: Filters, out: Path, verbose: bool) -> np.ndarray:
     """Pass one: every candidate pair sketched (hash of the normalised text, MinHash signature), then the
     decisions in file order (pipeline/filters.py `decide`): one code per candidate."""
-    dup = Filters(tuple(n for n in filters.active if n in ("exact", "near")), filters.near_threshold)
+    # The duplicate filters alone (length and the blocklist ran in `_Rows`), keeping --filter-memory-mb.
+    dup = dataclasses.replace(filters, active=tuple(n for n in filters.active if n in ("exact", "near")), phrases=())
     folder = out / ".sketch"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -385,9 +378,6 @@ def _duplicates(source: Path, cfg: PreferenceConfig, filters: Filters, out: Path
             close_unit()
     if sketches.hashes or not units:
         close_unit()
-    if not dup.near_threshold:
-        for u in units:
-            u["sig"] = np.zeros((len(u["hash"]), 0), np.uint32)
     return np.concatenate(decide(units, dup, folder / "decide")) if units else np.zeros(0, np.int8)
 
 

@@ -207,6 +207,7 @@ class _Order:
         self._cached_rows = 0
         self._budget = max(cfg.shuffle_tokens // manifest.meta.seq_len, self.group)
         self.groups_read = 0  # row groups read from disk (the benchmark reports them)
+        self._empty: Batch | None = None  # `empty()`, built once
 
     def _group_rows(self) -> int:
         meta = self._footer(0)[0]
@@ -350,9 +351,11 @@ class _Order:
         return batch, Cursor(epoch, offset)
 
     def empty(self) -> Batch:
-        """The decoded columns with no rows (their trailing shapes and dtypes)."""
-        schema = pq.read_schema(self.files[0])
-        return self._decode(schema.empty_table().select(self.stored))
+        """The decoded columns with no rows (their trailing shapes and dtypes): built from the first shard's
+        schema once, and a new dict each call, as the caller may change the batch it gets."""
+        if self._empty is None:
+            self._empty = self._decode(pq.read_schema(self.files[0]).empty_table().select(self.stored))
+        return dict(self._empty)
 
     def rows_at(self, epoch: int, offset: int, need: int, first: int, last: int) -> tuple[Batch, int, int]:
         """Rows [first, last) of the next `need` rows of the order from (epoch, offset), decoded (kept rows
@@ -425,12 +428,6 @@ class _Mix:
             raise PipelineError(f"reader: {max(counts)} rollout rows in a micro-batch of {self.need}"
                                 + ("" if fixed is not None else ", and no fixed cache for the rest"))
         self.columns = onpolicy.columns + tuple(c for c in (fixed.columns if fixed else ()) if c not in onpolicy.columns)
-        self._empty: dict[str, Batch] = {}
-
-    def _blank(self, name: str, order: _Order) -> Batch:
-        if name not in self._empty:
-            self._empty[name] = order.empty()
-        return self._empty[name]
 
     def batch_at(self, cursor: Cursor) -> tuple[Batch, Cursor]:
         micro = cursor.micro % len(self.counts)
@@ -444,12 +441,11 @@ class _Mix:
                                                     max(self.last - count, 0))
             parts.append(off)
         elif self.fixed is not None:
-            parts.append(self._blank("fixed", self.fixed))
+            parts.append(self.fixed.empty())
         if len(parts) == 1:
             batch = {k: on[k] for k in self.onpolicy.columns}
         else:
-            shapes = {**{k: v for k, v in self._blank("fixed", self.fixed).items()},  # type: ignore[arg-type]
-                      **{k: v for k, v in self._blank("onpolicy", self.onpolicy).items()}}
+            shapes = {**self.fixed.empty(), **self.onpolicy.empty()}  # type: ignore[union-attr]
             batch = {}
             for k in self.columns:
                 cols = [p[k] if k in p else np.zeros((_rows(p), *shapes[k].shape[1:]), dtype=shapes[k].dtype)
@@ -539,11 +535,7 @@ class ShardStream:
             raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
 
     def _schema_names(self) -> list[str]:
-        path = self.folder / self.manifest.shards[0].file
-        try:
-            return pq.read_schema(path).names
-        except (OSError, pa.ArrowException) as e:
-            raise PipelineError(f"{path}: cannot read ({e}); the shard is corrupted, delete it and rerun its stage") from None
+        return self._names(self.folder / self.manifest.shards[0].file)
 
     def next_batch(self) -> Batch:
         """This rank's slice of the next global batch; advances the cursor past the whole global batch."""

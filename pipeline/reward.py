@@ -42,7 +42,7 @@ from pipeline.errors import PipelineError
 from pipeline.filters import FilterConfig
 from pipeline.fsutil import read_json, write_json
 from pipeline.layout import SPLITS
-from pipeline.preferences import PreferenceConfig, build_preferences, shard_paths, template_ids
+from pipeline.preferences import PreferenceConfig, build_preferences, shard_paths
 from pipeline.settings import setting
 from pipeline.tokenizer import PAD, Tokenizer
 from schemas.preferences import PreferencesManifest, read_preferences_manifest
@@ -111,11 +111,18 @@ def train_reward_model(preferences: Path, base: Path, out: Path, cfg: RewardTrai
         raise PipelineError("--max-steps must be >= 0 and --batch-size/--grad-accum/--eval-batch >= 1")
     tokenizer = check_base(base)
     started = time.time()
+    from pipeline.rlhf import last_checkpoint, process_state
+    from pipeline.train import _trim_metrics
+
+    state = process_state()  # under LAUNCH: accelerate's processes, shared with the Trainer below
     if preferences.is_dir():  # built by `make tokens FORMAT=preference`: used as it is
         data_dir, data = preferences, built_preferences(preferences, tokenizer)
     else:
         data_dir = out / DATA
-        data = build_preferences(preferences, tokenizer, data_dir, data_cfg, filters, threads=os.cpu_count() or 1)
+        # The main process builds the shards; the others then find the build complete and only read it (all at
+        # once, they would delete each other's shards).
+        with state.main_process_first():
+            data = build_preferences(preferences, tokenizer, data_dir, data_cfg, filters, threads=os.cpu_count() or 1)
     counts = data["train"].counts
     summary = {k: counts.get(k, 0) for k in ("rows", "kept", "train", "val")}
     print(json.dumps({"preferences": {k: v for k, v in counts.items() if v}}), flush=True)
@@ -124,7 +131,7 @@ def train_reward_model(preferences: Path, base: Path, out: Path, cfg: RewardTrai
             f"{preferences}: {data['train'].rows} train and {data['val'].rows} held-out pairs after dropping bad rows "
             f"and filtering ({summary}); need at least {MIN_TRAIN_PAIRS} and 1: give more pairs (or change "
             "--val-fraction)")
-    run_config = _run_config(preferences, base, data, cfg, data_cfg)
+    run_config = _run_config(preferences, base, out, data, cfg, data_cfg)
     if (out / FINISHED).is_file():
         changed = _changed(read_json(out / RUN_CONFIG, "the finished reward model's settings"), run_config)
         if not changed:
@@ -133,19 +140,22 @@ def train_reward_model(preferences: Path, base: Path, out: Path, cfg: RewardTrai
         raise PipelineError(f"{out}: a finished reward model made with other settings ({', '.join(changed)}); pass "
                             "another REWARD_MODEL= (--out) or delete it")
     checkpoints = out / CHECKPOINTS
-    resume = _last_checkpoint(checkpoints)
+    resume = last_checkpoint(checkpoints)
     if resume is not None and (out / RUN_CONFIG).is_file():
         changed = _changed(read_json(out / RUN_CONFIG, "the interrupted run's settings"), run_config)
         if changed:
             raise PipelineError(f"{out}: an interrupted run with other settings ({', '.join(changed)}); rerun it with "
                                 f"its settings, or delete {checkpoints} to start over")
-    write_json(out / RUN_CONFIG, run_config)
+    if state.is_main_process:  # the other processes only read the folder
+        write_json(out / RUN_CONFIG, run_config)
+    state.wait_for_everyone()
     trainer = _trainer(base, tokenizer, data_dir, out, cfg)
-    if resume is not None:
-        print(f"resuming from {resume}", flush=True)
-        _trim_metrics(out / METRICS, int(resume.name.split("-")[-1]))
-    elif (out / METRICS).is_file():
-        (out / METRICS).unlink()
+    if state.is_main_process:  # the one process that logs (the Metrics callback: world process zero)
+        if resume is not None:
+            print(f"resuming from {resume}", flush=True)
+            _trim_metrics(out / METRICS, int(resume.name.split("-")[-1]))
+        elif (out / METRICS).is_file():
+            (out / METRICS).unlink()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     model = trainer.model
     if not trainer.is_world_process_zero():
@@ -173,15 +183,19 @@ def train_reward_model(preferences: Path, base: Path, out: Path, cfg: RewardTrai
     return final
 
 
-def _run_config(preferences: Path, base: Path, data: dict[str, Any], cfg: RewardTrainConfig,
+def _run_config(preferences: Path, base: Path, out: Path, data: dict[str, Any], cfg: RewardTrainConfig,
                 data_cfg: PreferenceConfig) -> dict[str, Any]:
     import transformers
     import trl
 
+    from pipeline.capture import teacher_hashes
     from pipeline.checkpoint import model_fingerprint
 
+    # BASE's file hashes are cached beside it (else in `out`), as every stage caches a model's: a rerun (and the
+    # "already finished" check) does not read its weights again.
+    fingerprint = model_fingerprint(base, file_hash=teacher_hashes(base, out))
     return {
-        "stage": "reward_model", "base": str(base), "base_fingerprint": model_fingerprint(base),
+        "stage": "reward_model", "base": str(base), "base_fingerprint": fingerprint,
         "preferences": str(preferences),
         "data": {s: {"pairs": data[s].rows, "sha256": [sh.sha256 for sh in data[s].shards]} for s in SPLITS},
         "data_settings": dataclasses.asdict(data_cfg), "filters": data["train"].meta.filters,
@@ -205,23 +219,6 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif a != b:
             out.append(k)
     return [c for c in out if c not in RESUMABLE]
-
-
-def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (its trainer_state.json is written last)."""
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drops the lines logged after the checkpoint a resume starts from (they are logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _precision(cfg: RewardTrainConfig) -> bool:
@@ -348,23 +345,3 @@ def score_shards(model: Any, paths: list[Path], batch: int = 32) -> tuple[np.nda
             chosen.append(score_ids(model, group.column("chosen_ids").to_pylist(), batch))
             rejected.append(score_ids(model, group.column("rejected_ids").to_pylist(), batch))
     return (np.concatenate(chosen), np.concatenate(rejected)) if chosen else (np.zeros(0), np.zeros(0))
-
-
-def score_conversations(model: Any, tokenizer: Tokenizer, conversations: list[Any], batch: int = 32) -> np.ndarray:
-    """Rewards of whole conversations (tuples of pipeline.chat.Turn ending with the model's reply), in the
-    template the reward model was trained on: what RL against it should call."""
-    return score_ids(model, template_ids(tokenizer, list(conversations)), batch)
-
-
-def load_reward_model(folder: Path, device: str | None = None) -> tuple[Any, Tokenizer]:
-    """A finished reward model folder → (the transformers sequence classifier, in eval mode; its tokenizer)."""
-    _offline()
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    folder = Path(folder)
-    if not (folder / FINISHED).is_file():
-        raise PipelineError(f"{folder}: not a finished reward model (no {FINISHED}); run `make reward-model` first")
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32,
-                                                               attn_implementation="eager")
-    return model.to(device or "cpu").eval(), Tokenizer.load(folder / "tokenizer.model")

@@ -48,9 +48,10 @@ import torch
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from pipeline import chat
+from pipeline.capture import teacher_hashes
 from pipeline.checkpoint import load_config, model_fingerprint, save_model
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, cached_sha256, read_json, write_json
+from pipeline.fsutil import atomic_path, read_json, write_json
 from pipeline.model import Gemma2
 from pipeline.settings import setting
 from pipeline.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, Tokenizer
@@ -59,7 +60,6 @@ from schemas.run_config import RUN_CONFIG, DataRef, RunConfig, read_run_config, 
 FINISHED = "finished.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoint"
-HASHES = ".hashes.json"  # the start's and the reward model's weight digests, by size and mtime
 GENERATIONS = ("auto", "vllm", "transformers")
 # Settings a resumed run may change: how long it runs and how often it saves (the LR schedule is constant).
 RESUMABLE = frozenset({"max_steps", "save_every"})
@@ -280,15 +280,17 @@ def _run_config(model: Path, reward: Path, prompts: Path, out: Path, cfg: RLHFCo
     start = read_run_config(model) if (model / RUN_CONFIG).is_file() else None
     completions = cfg.batch_size * cfg.grad_accum * world
     out.mkdir(parents=True, exist_ok=True)
-    file_hash = cached_sha256(out / HASHES)  # weights are hashed once, then known by size and mtime
+    # Weights are hashed once, into the file-hash cache every stage keeps beside a model (else in `out`), then
+    # known by size and mtime.
+    start_fp = model_fingerprint(model, teacher_hashes(model, out))
+    reward_fp = _folder_fingerprint(reward, teacher_hashes(reward, out))
     return RunConfig(
         name=out.name, student=start.student if start else str(model), model=config.to_hf(), data=str(prompts),
         cache=DataRef(kind="prompts", tokenizer_fingerprint=tokenizer.fingerprint,
                       seq_len=config.max_position_embeddings, vocab_size=config.vocab_size, train_rows=n_prompts,
                       format="chat"),
         loss={"kind": "rlhf", "algorithm": "rloo", "kl_coef": cfg.kl_coef, "start": str(model),
-              "start_fingerprint": model_fingerprint(model, file_hash),
-              "reward_model": str(reward), "reward_fingerprint": _folder_fingerprint(reward, file_hash),
+              "start_fingerprint": start_fp, "reward_model": str(reward), "reward_fingerprint": reward_fp,
               "target": "-"},
         optim={"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "schedule": "constant"},
         train={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("kl_coef", "lr", "warmup_steps")},

@@ -55,15 +55,17 @@ import numpy as np
 import torch
 
 from pipeline import chat
+from pipeline.capture import teacher_hashes
 from pipeline.checkpoint import load_config, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.filters import DROPS, KEEP, FilterConfig, Filters, Sketches, decide, scrub_turns, sketch_chat
-from pipeline.fsutil import cached_sha256, clean_stale_tmp, list_names, read_json, sha256_file, write_json
+from pipeline.fsutil import clean_stale_tmp, list_names, sha256_file, write_json
 from pipeline.progress import progress
 from pipeline.runtime import Runtime
 from pipeline.settings import setting
 from pipeline.shards import ShardWriter, rows_per_group
 from pipeline.tokenizer import BOS, EOS, PAD, Tokenizer
+from pipeline.train import model_lineage
 from schemas.common import to_json, with_meta
 from schemas.manifest import MANIFEST, ShardRecord, TokensStats, read_manifest, write_manifest
 from schemas.tokens import TokensMeta, encode, token_schema
@@ -71,7 +73,6 @@ from schemas.tokens import TokensMeta, encode, token_schema
 ENGINES = ("transformers", "vllm")
 RECORDS = "records"  # beside train/: one record per finished shard
 POLL_S = 1.0
-HASHES = ".model_hashes.json"  # the sampling model's file hashes (pipeline.fsutil.cached_sha256)
 
 
 @dataclass(frozen=True)
@@ -291,13 +292,20 @@ def generate_batch(model: Any, prompts: list[Prompt], samples: list[int], cfg: R
     return sampler.replies()
 
 
-def generate_vllm(model_dir: Path, prompts: list[Prompt], cfg: RolloutConfig, seq_len: int,
+def load_vllm_engine(model_dir: Path, cfg: RolloutConfig, seq_len: int) -> Any:  # pragma: no cover (needs vllm + GPU)
+    """The vLLM engine of the sampling model, built once per process: it loads the weights and reserves the GPU's
+    KV cache, so one per shard would redo both."""
+    from vllm import LLM
+
+    return LLM(str(model_dir), dtype=cfg.dtype, seed=cfg.seed, max_model_len=seq_len + 1)
+
+
+def generate_vllm(llm: Any, prompts: list[Prompt], cfg: RolloutConfig, seq_len: int,
                   stops: tuple[int, ...]) -> list[tuple[list[int], list[float]]]:  # pragma: no cover (needs vllm + GPU)
     """vLLM: the same contract (per-sequence seeds, the drawn tokens' log-probs at the sampling temperature);
     its own sampler, so its draws are not ours bit for bit. Untested here: vllm is not installed."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams, TokensPrompt
 
-    llm = LLM(str(model_dir), dtype=cfg.dtype, seed=cfg.seed, max_model_len=seq_len + 1)
     requests, params = [], []
     for p in prompts:
         for j in range(cfg.rollouts_per_prompt):
@@ -328,11 +336,11 @@ def check_engine(engine: str) -> None:
 # ---------------------------------------------------------------- packing
 
 
-def pack(prompt: Prompt, tokens: list[int], logprobs: list[float], seq_len: int,
-         drop: tuple[int, ...] = (BOS, PAD)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack(prompt: Prompt, tokens: list[int], logprobs: list[float],
+         seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One conversation's window: ids [seq_len+1], loss_mask [seq_len], behaviour log-probs [seq_len]. A reply
-    that ended on a token of `drop` (a new document, filler) ends before it."""
-    if tokens and tokens[-1] in drop:
+    that ended on `<bos>` or `<pad>` (a new document, filler) ends before it."""
+    if tokens and tokens[-1] in (BOS, PAD):
         tokens, logprobs = tokens[:-1], logprobs[:-1]
     n, r = len(prompt.ids), len(tokens)
     if n + r > seq_len + 1:
@@ -349,16 +357,8 @@ def pack(prompt: Prompt, tokens: list[int], logprobs: list[float], seq_len: int,
 # ---------------------------------------------------------------- the stage
 
 
-def model_round(model_dir: Path) -> int:
-    """The sampling model's on-policy round: its run_config's `onpolicy_round` (0 when absent)."""
-    path = model_dir / "run_config.json"
-    if not path.is_file():
-        return 0
-    return int(read_json(path, "the model's run settings").get("onpolicy_round") or 0)
-
-
 def rollouts_meta(model_dir: Path, cfg: RolloutConfig, fingerprint: str) -> dict[str, Any]:
-    r = model_round(model_dir)
+    r = model_lineage(model_dir)[0]  # the sampling model's on-policy round (0: not trained on rollouts)
     return {"model": str(model_dir), "model_fingerprint": fingerprint, "model_round": r, "round": r + 1,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
             "rollouts_per_prompt": cfg.rollouts_per_prompt, "max_new_tokens": cfg.max_new_tokens,
@@ -384,7 +384,9 @@ def run_rollouts(model_dir: Path, prompts_path: Path, out: Path, cfg: RolloutCon
     prompts, counts = read_prompts(prompts_path, tokenizer, flt, seq_len)
     if not prompts:
         raise PipelineError(f"{prompts_path}: no prompt left to sample ({counts}); check the file and the filters")
-    fingerprint = model_fingerprint(model_dir, file_hash=cached_sha256([model_dir / HASHES, out / HASHES]))
+    # The file hashes every stage keeps beside a model (else in `out`): a model is hashed once, whichever stage
+    # reads it first.
+    fingerprint = model_fingerprint(model_dir, file_hash=teacher_hashes(model_dir, out))
     rollouts = rollouts_meta(model_dir, cfg, fingerprint)
     meta = TokensMeta(seq_len=seq_len, vocab_size=tokenizer.vocab_size, tokenizer_fingerprint=tokenizer.fingerprint,
                       corpus=str(prompts_path), split="train", format="chat", filters=flt.describe(),
@@ -411,7 +413,7 @@ def run_rollouts(model_dir: Path, prompts_path: Path, out: Path, cfg: RolloutCon
     tokenizer.save(out / "tokenizer.model")
     manifest = write_manifest(train, meta, done, TokensStats(max_id=max(r.max_id or 0 for r in done),
                                                            documents=len(prompts) * cfg.rollouts_per_prompt,
-                                                           filters={k: v for k, v in counts.items()}))
+                                                           filters=counts))
     return _summary(manifest, counts)
 
 
@@ -467,8 +469,10 @@ def _sample_shards(model_dir: Path, work: list[tuple[int, list[Prompt]]], cfg: R
     failure = out / RECORDS / f"failed-rank{runtime.rank}.json"
     failure.unlink(missing_ok=True)
     try:
+        if model is None:  # vLLM: built once, inside the try so that rank 0 hears of a failure (as of a shard's)
+            model = load_vllm_engine(model_dir, cfg, seq_len)
         for index, prompts in work:
-            replies = list(_replies(model, model_dir, prompts, cfg, seq_len, stops, bar))
+            replies = list(_replies(model, prompts, cfg, seq_len, stops, bar))
             rows = [pack(p, tokens, lps, seq_len) for (p, _), (tokens, lps) in zip(_pairs(prompts, cfg), replies)]
             windows = np.array([p.index * cfg.rollouts_per_prompt + j for p, j in _pairs(prompts, cfg)], np.int64)
             ids = np.stack([r[0] for r in rows])
@@ -491,10 +495,11 @@ def _pairs(prompts: list[Prompt], cfg: RolloutConfig) -> list[tuple[Prompt, int]
     return [(p, j) for p in prompts for j in range(cfg.rollouts_per_prompt)]
 
 
-def _replies(model: Any, model_dir: Path, prompts: list[Prompt], cfg: RolloutConfig, seq_len: int,
-             stops: tuple[int, ...], bar: Any) -> Iterator[tuple[list[int], list[float]]]:
+def _replies(model: Any, prompts: list[Prompt], cfg: RolloutConfig, seq_len: int, stops: tuple[int, ...],
+             bar: Any) -> Iterator[tuple[list[int], list[float]]]:
+    """Replies of `model`: a transformers causal LM, or the vLLM engine (ENGINE=vllm)."""
     if cfg.engine == "vllm":  # pragma: no cover
-        yield from generate_vllm(model_dir, prompts, cfg, seq_len, stops)
+        yield from generate_vllm(model, prompts, cfg, seq_len, stops)
         bar.update(len(prompts) * cfg.rollouts_per_prompt)
         return
     pairs = _pairs(prompts, cfg)

@@ -55,8 +55,10 @@ from pipeline.corpus import CorpusSpec, Piece, Splitter, Unit, iter_split_docume
 from pipeline.errors import PipelineError
 from pipeline.filters import (
     DROPS,
+    GROUPS,
     KEEP,
     PARTS,
+    SKETCH,
     FilterConfig,
     Filters,
     Layout,
@@ -154,7 +156,7 @@ def build_token_shards(spec: CorpusSpec, tokenizer: Tokenizer, out: Path, cfg: T
         raise
     if not runtime.is_main:
         return None
-    done = _wait_for_units(job, records / "rank0.started")
+    done = _wait_for_units(job)
     return _finalize(job, done, plan)
 
 
@@ -293,19 +295,19 @@ def _covered(job: _Job, index: int, known: dict[int, tuple[int, int]]) -> bool:
     """Whether complete units before `index` already cover both caps: a leading run of them, so a unit past
     one that was itself skipped is skipped too. Their records are checked against the plan's digests (a
     worker does not hold the plan)."""
-    train = val = 0
-    target = val_target(job.cfg)
-    for i in range(index):
-        if i not in known:
-            record = _read_record(job, i)
-            if record is None or _digest(record.get("unit"), record.get("drops")) != \
-                    job.digests[i * DIGEST : (i + 1) * DIGEST] or not _shards_there(job, record):
-                return False
-            known[i] = _token_counts(record)
-        train, val = train + known[i][0], val + known[i][1]
-        if train >= job.cfg.corpus_tokens and (not target or val >= target):
-            return True
-    return False
+
+    def counts() -> Iterator[tuple[int, int] | None]:
+        for i in range(index):  # read lazily: stops at the first unit not complete, or once the caps are met
+            if i not in known:
+                record = _read_record(job, i)
+                if record is None or _digest(record.get("unit"), record.get("drops")) != \
+                        job.digests[i * DIGEST : (i + 1) * DIGEST] or not _shards_there(job, record):
+                    break
+                known[i] = _token_counts(record)
+            yield known[i]
+        yield None  # unit `index` itself is not done: so the count is known only if the units before it suffice
+
+    return needed_units(counts(), job.cfg) is not None
 
 
 def _token_counts(record: dict[str, Any]) -> tuple[int, int]:
@@ -313,19 +315,19 @@ def _token_counts(record: dict[str, Any]) -> tuple[int, int]:
     return tuple(sum(s["tokens"] for s in record["splits"][split]["shards"]) for split in SPLITS)  # type: ignore[return-value]
 
 
-def needed_units(counts: list[tuple[int, int] | None], cfg: TokenizeConfig) -> int | None:
+def needed_units(counts: Iterable[tuple[int, int] | None], cfg: TokenizeConfig) -> int | None:
     """How many leading units the manifests draw from, given each unit's (train, val) tokens, or None while
     that is not known yet (a record in the way is missing). Under --corpus-tokens the first units that cover
     both caps; else all."""
-    train = val = 0
+    train = val = n = 0
     target = val_target(cfg)
-    for i, count in enumerate(counts):
+    for n, count in enumerate(counts, 1):
         if count is None:
             return None
         train, val = train + count[0], val + count[1]
         if cfg.corpus_tokens and train >= cfg.corpus_tokens and (not target or val >= target):
-            return i + 1
-    return len(counts)
+            return n
+    return n
 
 
 def _tokenize_unit(job: _Job, unit: Unit, tokenizer: Tokenizer, bar: Any) -> None:
@@ -514,7 +516,7 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str], threads: int = 1) -> li
 
 
 def _record_path(out: Path, index: int) -> Path:
-    return out / UNITS / f"{index:06d}.json"
+    return _done_path(out / UNITS, index)
 
 
 def _complete(job: _Job, unit: Unit) -> dict[str, Any] | None:
@@ -528,11 +530,23 @@ def _complete(job: _Job, unit: Unit) -> dict[str, Any] | None:
 
 def _read_record(job: _Job, index: int) -> dict[str, Any] | None:
     """A unit's record if there is one from these settings."""
+    return _keyed(_record_path(job.out, index), job.key)
+
+
+def _keyed(path: Path, key: str) -> dict[str, Any] | None:
+    """The JSON record at `path` if it was written for `key` (these settings); None while there is none, or
+    while another process's write is not visible yet."""
     try:
-        record = json.loads(_record_path(job.out, index).read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("key") == job.key else None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def _done_path(folder: Path, index: int) -> Path:
+    """Record NNNNNN.json of a folder of records (units/, and the pre-pass's sketch/, part/, groups/, where it
+    sits beside the job's NNNNNN*.npy files)."""
+    return folder / f"{index:06d}.json"
 
 
 def _shards_there(job: _Job, record: dict[str, Any]) -> bool:
@@ -605,32 +619,30 @@ def _prefilter(job: _Job, runtime: Runtime, plan: str) -> _Job:
         write_json(folder / "layout.json", {"key": key, **dataclasses.asdict(layout)})
     layout = _poll(job, f"rank 0's filter layout ({folder / 'layout.json'})", lambda: _layout(job, key))
     _run_workers(dataclasses.replace(job, layout=layout, key=key), runtime, _decide_work)  # key: the jobs' records
-    shas = _poll(job, f"the filter decisions ({folder / 'groups'})",
-                 lambda: _all_done(folder / "groups", range(layout.groups), key))
+    shas = _poll(job, f"the filter decisions ({folder / GROUPS})", _all_done(folder / GROUPS, range(layout.groups), key))
     drops = {i: sha for record in shas for i, sha in zip(range(*layout.unit_range(record["group"])), record["units"])}
     return dataclasses.replace(job, drops=drops, digests=_digests(job.plan, drops))
 
 
 def _layout(job: _Job, key: str) -> Layout | None:
-    try:
-        record = json.loads((job.out / FILTERS / "layout.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return Layout(**{k: v for k, v in record.items() if k != "key"}) if record.get("key") == key else None
+    record = _keyed(job.out / FILTERS / "layout.json", key)
+    return None if record is None else Layout(**{k: v for k, v in record.items() if k != "key"})
 
 
-def _all_done(folder: Path, jobs: Iterable[int], key: str) -> list[dict[str, Any]] | None:
-    """The done records of `jobs` in `folder` (NNNNNN.json), if every one is there for this key."""
-    out = []
-    for index in jobs:
-        try:
-            record = json.loads((folder / f"{index:06d}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if record.get("key") != key:
-            return None
-        out.append(record)
-    return out
+def _all_done(folder: Path, jobs: range, key: str) -> Callable[[], list[dict[str, Any]] | None]:
+    """For `_poll`: the done records of `jobs` in `folder`, once every one is there for this key. A record
+    found is remembered, so a poll reads only those still missing (not every job's, every process, every poll)."""
+    found: dict[int, dict[str, Any]] = {}
+
+    def ready() -> list[dict[str, Any]] | None:
+        for index in jobs:
+            if index not in found:
+                if (record := _keyed(_done_path(folder, index), key)) is None:
+                    return None
+                found[index] = record
+        return [found[i] for i in jobs]
+
+    return ready
 
 
 def _poll(job: _Job, what: str, ready: Callable[[], Any]) -> Any:
@@ -656,15 +668,18 @@ def _decide_work(job: _Job) -> None:
     mine = range(job.slot, layout.partitions, job.slots)
     with progress(desc=f"dedup[{job.slot}]", unit=" part", position=job.slot, total=len(mine)) as bar:
         for part in mine:
-            if _all_done(folder / PARTS, [part], job.key) is None:
+            if _keyed(_done_path(folder / PARTS, part), job.key) is None:
                 counts = decide_partition(folder, part, layout, job.filters)
-                write_json(folder / PARTS / f"{part:06d}.json", {"key": job.key, "part": part, **counts})
+                write_json(_done_path(folder / PARTS, part), {"key": job.key, "part": part, **counts})
             bar.update(1)
+    groups = range(job.slot, layout.groups, job.slots)  # empty when job.slot >= layout.groups
+    if not groups:
+        return  # nothing of this process waits for the partitions (its rank's main process does, for the groups)
     _poll(job, f"the other processes' filter partitions ({folder / PARTS})",
-          lambda: _all_done(folder / PARTS, range(layout.partitions), job.key))
-    for group in range(job.slot, layout.groups, job.slots):
-        if _all_done(folder / "groups", [group], job.key) is None:
-            write_json(folder / "groups" / f"{group:06d}.json",
+          _all_done(folder / PARTS, range(layout.partitions), job.key))
+    for group in groups:
+        if _keyed(_done_path(folder / GROUPS, group), job.key) is None:
+            write_json(_done_path(folder / GROUPS, group),
                        {"key": job.key, "group": group, "units": gather_group(folder, group, layout)})
 
 
@@ -678,7 +693,7 @@ def _sketch_key(job: _Job) -> str:
 
 
 def _sketch_record(job: _Job, unit: Unit) -> Path:
-    return job.out / FILTERS / "sketch" / f"{unit.index:06d}.json"
+    return _done_path(job.out / FILTERS / SKETCH, unit.index)
 
 
 def _sketch_work(job: _Job) -> None:
@@ -690,13 +705,10 @@ def _sketch_work(job: _Job) -> None:
 
 def _sketched(job: _Job, unit: Unit) -> dict[str, Any] | None:
     """The unit's sketch record, if its files are there for these settings."""
-    try:
-        record = json.loads(_sketch_record(job, unit).read_text())
-    except (OSError, ValueError):
-        return None
+    record = _keyed(_sketch_record(job, unit), _sketch_key(job))
     suffixes = (".codes.npy", ".keys.npy") + ((".sig.npy",) if job.filters.near_threshold else ())
-    if not (isinstance(record, dict) and record.get("key") == _sketch_key(job) and record.get("unit") == unit.to_json()
-            and all(_sketch_record(job, unit).with_suffix(s).is_file() for s in suffixes)):
+    if record is None or record.get("unit") != unit.to_json() or \
+            not all(_sketch_record(job, unit).with_suffix(s).is_file() for s in suffixes):
         return None
     return record
 
@@ -735,30 +747,25 @@ def _wait_for_sketches(job: _Job) -> list[dict[str, Any]]:
                 found[unit.index] = record
         return [found[u.index] for u in job.plan] if len(found) == len(job.plan) else None
 
-    return _poll(job, f"the other ranks' filter sketches ({job.out / FILTERS / 'sketch'})", ready)
+    return _poll(job, f"the other ranks' filter sketches ({job.out / FILTERS / SKETCH})", ready)
 
 
 # ---------------------------------------------------------------- rank 0: wait, then the manifests
 
 
-def _wait_for_units(job: _Job, started: Path) -> list[dict[str, Any]]:
-    """The records of the units the manifests need, once they all exist. Polls without a timeout: a long
-    corpus takes as long as it takes; a failed rank's record ends the wait."""
+def _wait_for_units(job: _Job) -> list[dict[str, Any]]:
+    """The records of the units the manifests need, once they all exist (`_poll`: no timeout, a failed rank's
+    record ends the wait). A record found is kept: a poll reads only the missing ones."""
     records: list[dict[str, Any] | None] = [None] * len(job.plan)
-    announced = False
-    while True:
+
+    def ready() -> list[dict[str, Any]] | None:
         for i, record in enumerate(records):
             if record is None:
                 records[i] = _complete(job, job.plan[i])
         needed = needed_units([None if r is None else _token_counts(r) for r in records], job.cfg)
-        if needed is not None:
-            return [r for r in records[:needed] if r is not None]
-        _raise_failures(job.out / UNITS, started)
-        if not announced:
-            missing = sum(r is None for r in records)
-            print(f"waiting for {missing} units from other ranks (records in {job.out / UNITS})", flush=True)
-            announced = True
-        time.sleep(POLL_S)
+        return None if needed is None else [r for r in records[:needed] if r is not None]
+
+    return _poll(job, f"the other ranks' units (records in {job.out / UNITS})", ready)
 
 
 def _raise_failures(folder: Path, started: Path) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -66,7 +65,15 @@ from pipeline.checkpoint import (
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, cached_sha256, read_json, write_json
-from pipeline.losses import BEHAVIOUR, LossConfig, check_target, chunked_loss, resolve_target, resolve_temperature
+from pipeline.losses import (
+    BEHAVIOUR,
+    IS_SUMS,
+    LossConfig,
+    check_target,
+    chunked_loss,
+    resolve_target,
+    resolve_temperature,
+)
 from pipeline.model import Gemma2, Gemma2Config, preset
 from pipeline.parallel import SHARDINGS
 from pipeline.plan import check_training
@@ -202,7 +209,7 @@ class StudentWithLoss(nn.Module):
         self.fixed = fixed_loss(loss)
         self.targets = [c for c in loss_columns(loss) if c not in ("input_ids", "label_mask")]
         self.onpolicy_targets = [c for c in onpolicy_columns(loss) if c not in ("input_ids", "label_mask")]
-        self.stats: dict[str, torch.Tensor] = {}  # reverse-kl: the importance weights' spread (losses.IS_STATS)
+        self.stats: dict[str, torch.Tensor] = {}  # reverse-kl: the importance weights' spread (losses.IS_SUMS)
 
     def forward(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor | None,
                 evaluate: Callable[[Gemma2, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
@@ -479,14 +486,12 @@ PER_CACHE = frozenset({"split", "corpus", "format", "rollouts"})
 
 
 def split_fingerprint(folder: Path) -> str:
-    """A rollout cache's identity (it has a train split only): sha256 over its train manifest's settings and
-    its shards' names and sha256s, as `cache_fingerprint` hashes each split of a fixed cache."""
-    from schemas.common import to_json
-
-    manifest = open_split(folder / "train")
-    return hashlib.sha256(json.dumps({"split": "train", "meta": to_json(manifest.meta),
-                                      "shards": [[s.file, s.sha256] for s in manifest.shards]},
-                                     sort_keys=True).encode()).hexdigest()
+    """A rollout cache's identity (it has a train split only): `cache_fingerprint` of that one split."""
+    fingerprint = cache_fingerprint(folder, splits=("train",))
+    if fingerprint is None:  # no finished split there: open_split raises why
+        open_split(folder / "train")
+        raise PipelineError(f"{folder / 'train'}: not a finished split")
+    return fingerprint
 
 
 def model_lineage(folder: Path) -> tuple[int, list[dict[str, Any]]]:
@@ -804,9 +809,6 @@ def train_step(run: Run) -> tuple[float, float, bool]:
     return loss.item(), norm.item(), finite
 
 
-IS_SUMS = ("is_tokens", "is_sum", "is_weight_sum", "is_clipped", "rkl_sum")
-
-
 def _gather_is_stats(run: Run, stats: dict[str, torch.Tensor], sums: torch.Tensor) -> None:
     """Adds one step's importance-weight statistics (summed over ranks; min and max reduced) to the run's
     running ones, which the next metrics line reports and resets."""
@@ -972,10 +974,9 @@ def train(name: str, student: str, data: Path | None, out: Path, loss: LossConfi
         train_manifest, loss = check_splits(data, loss)
     meta = train_manifest.meta
     rollouts = resolve_onpolicy(tuple(map(Path, onpolicy)), cfg, loss, meta if fixed else None) if onpolicy else None
-    if rollouts is not None and loss.kind == "reverse-kl":
-        for folder, m in zip(rollouts.folders, rollouts.metas):
-            resolve_loss(loss, m, folder)  # the rollout caches' τ
-    elif loss.kind == "reverse-kl":
+    # The rollout caches' τ, K and draws need no resolve_loss of their own: resolve_onpolicy refuses any whose
+    # settings differ from the cache the loss was resolved against.
+    if rollouts is None and loss.kind == "reverse-kl":
         raise PipelineError("--loss reverse-kl trains on the student's own samples: pass rollout caches with --onpolicy "
                             "(`make rollouts`, then `make teacher-logits TOKENS=...`)")
     select = resolve_selection(Selection.parse(cfg.select), meta, train_manifest.stats, data / "train") if fixed else None

@@ -55,7 +55,7 @@ from pipeline.capture import DTYPES, STATS_KEY, assign_by_tokens, run_id, teache
 from pipeline.checkpoint import load_model, model_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.fsutil import list_names, read_json, sha256_file, write_json
-from pipeline.layout import SPLITS
+from pipeline.layout import SPLITS, splits_of
 from pipeline.runtime import Runtime, teacher_dtype
 from pipeline.settings import setting
 from pipeline.topk import NonFiniteLogits, TopKConfig, teacher_targets
@@ -198,9 +198,10 @@ def verify_cache(cache: Path, cfg: VerifyConfig, teacher: Path | None = None,
     `run`: an id the ranks share (default: broadcast from rank 0)."""
     run = run or (run_id(runtime) if runtime.world > 1 else "")  # first, while every rank is at the same point
     report = Report()
-    manifests = {}
+    manifests: dict[str, Manifest] = {}
     for split in SPLITS:
-        if split != "train" and _train_only(cache / split, manifests.get("train")):
+        train = manifests.get("train")  # read first: whether the cache is of rollouts decides the splits
+        if split not in splits_of(cache, train is not None and train.meta.rollouts is not None):
             continue
         manifest = _read_split_manifest(cache / split, report)
         if manifest is not None:
@@ -246,11 +247,6 @@ def _await_findings(cache: Path, rank: int, run: str, poll_s: float) -> dict[str
         if isinstance(raw, dict) and raw.get("run") == run:
             return raw
         time.sleep(poll_s)
-
-
-def _train_only(folder: Path, train: Manifest | None) -> bool:
-    """A cache of rollouts has a train split only (`make rollouts` writes no val split): no val folder is fine."""
-    return train is not None and train.meta.rollouts is not None and not folder.exists()
 
 
 def _read_split_manifest(folder: Path, report: Report) -> Manifest | None:

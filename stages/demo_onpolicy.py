@@ -35,13 +35,13 @@ from pipeline.fsutil import atomic_path, write_json
 from pipeline.rollouts import RolloutConfig, load_sampler_model
 from pipeline.tasks import exact_match, held_out_tasks, prompts_jsonl
 from pipeline.tokenizer import EOS, PAD, Tokenizer
+from pipeline.train import FINISHED
 from schemas.logits import decode
 from schemas.manifest import read_manifest
 from stages._cli import run
-from stages.demo import Steps, demo_parser, demo_table, precision
+from stages.demo import Steps, demo_parser, demo_table, parse_overrides, precision
 
-KEYS = {"start", "rounds", "prompts", "rollouts_per_prompt", "eval_tasks", "eval_new_tokens", "val_fraction",
-        "reverse_kl_arm", "reverse_kl_lr"}
+KEYS = {"start", "rounds", "prompts", "eval_tasks", "eval_new_tokens", "reverse_kl_arm", "reverse_kl_lr"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,17 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     chat_work = args.work / "chat"
     start_model = chat_work / "students" / demo["start"]
     instructions = chat_work / "data" / "instructions.jsonl"
-    if not (start_model / "finished.json").is_file() or not instructions.is_file():
+    if not (start_model / FINISHED).is_file() or not instructions.is_file():
         raise PipelineError(f"{start_model}: no finished chat student (or no {instructions}); run `make demo-chat` first")
+    # The held-out conversations are those the chat tokens' split put in val: read its fraction from there.
+    val_fraction = read_manifest(chat_work / "tokens" / "train", "tokens", check_files=False).meta.val_fraction
     out = chat_work / "onpolicy-demo"
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
     timings: dict[str, float] = {}
-    step = Steps(chat_work, args.config, {}, "make demo-onpolicy")
+    step = Steps(chat_work, args.config, parse_overrides(args.overrides), "make demo-onpolicy")
     prompts = out / "prompts.jsonl"
     if not prompts.is_file():
-        print(f"training prompts: {train_prompts(instructions, demo['val_fraction'], demo['prompts'], 0, prompts)}")
-    tasks = held_out_tasks(instructions, demo["val_fraction"], demo["eval_tasks"])
+        print(f"training prompts: {train_prompts(instructions, val_fraction, demo['prompts'], 0, prompts)}")
+    tasks = held_out_tasks(instructions, val_fraction, demo["eval_tasks"])
     eval_prompts = out / "eval_prompts.jsonl"
     if not eval_prompts.is_file():
         prompts_jsonl(tasks, eval_prompts)
@@ -128,15 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     # On-policy: the rounds (each: rollouts -> teacher-logits -> train-student from the previous model).
     step(f"on-policy: {demo['rounds']} rounds from {start_model}", "onpolicy", "--model", str(start_model),
          "--prompts", str(prompts), "--rounds", str(demo["rounds"]), "--out", str(out / "onpolicy"),
-         "--rollouts-per-prompt", str(demo["rollouts_per_prompt"]), "--precision", prec)
+         "--precision", prec)
     timings["onpolicy_s"] = time.perf_counter() - clock
     rounds = [out / "onpolicy" / f"round-{r}" for r in range(1, demo["rounds"] + 1)]
     models = {"start": start_model, "onpolicy": rounds[-1] / "student"}
     if demo.get("reverse_kl_arm", False):  # the same rounds, trained with the reverse-KL estimator
         step(f"on-policy, reverse KL: {demo['rounds']} rounds from {start_model}", "onpolicy", "--model",
              str(start_model), "--prompts", str(prompts), "--rounds", str(demo["rounds"]), "--out",
-             str(out / "onpolicy-rkl"), "--rollouts-per-prompt", str(demo["rollouts_per_prompt"]), "--loss",
-             "reverse-kl", "--lr", str(demo["reverse_kl_lr"]), "--precision", prec)
+             str(out / "onpolicy-rkl"), "--loss", "reverse-kl", "--lr", str(demo["reverse_kl_lr"]), "--precision", prec)
         models["onpolicy-rkl"] = out / "onpolicy-rkl" / f"round-{demo['rounds']}" / "student"
         timings["onpolicy_rkl_s"] = time.perf_counter() - clock - timings["onpolicy_s"]
     manifests = [read_manifest(r / "logits" / "train", "logits") for r in rounds]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Off-policy: the same start, the fixed chat cache, the same teacher-token budget.
     offpolicy = out / "offpolicy" / "student"
-    if not (offpolicy / "finished.json").is_file():
+    if not (offpolicy / FINISHED).is_file():
         step(f"off-policy: {teacher_tokens:,} tokens of the fixed chat cache from {start_model}", "train_student",
              "--student", f"student={start_model}", "--init-from", str(start_model), "--students",
              str(out / "offpolicy"), "--max-tokens", str(teacher_tokens), "--precision", prec)

@@ -83,7 +83,7 @@ def evaluate(models: dict[str, Path], sft: Path, reward: Path, tasks: list[Any],
     rows = []
     for name, folder in models.items():
         start = time.perf_counter()
-        model = load_policy(folder).eval()
+        model = reference if folder == sft else load_policy(folder).eval()  # the SFT student is loaded once
         greedy = replies(model, prompts, stop, new_tokens)
         decoded = [text_tok.decode(r, skip_special_tokens=True) for r in greedy]
         rewards = reward_scores(reward_model, score_tok, [p + d for p, d in zip(texts, decoded)])

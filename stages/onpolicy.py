@@ -22,7 +22,8 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json
-from pipeline.train import unfinished
+from pipeline.train import FINISHED, unfinished
+from schemas.manifest import MANIFEST, read_manifest
 from stages._cli import parse, run, stage_parser
 
 # Flags forwarded to a step when given (their defaults are the step's own): (chain flag, step, step flag).
@@ -57,11 +58,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def finished_cache(folder: Path) -> bool:
-    return (folder / "train" / "manifest.json").is_file()
+    return (folder / "train" / MANIFEST).is_file()
 
 
 def finished_model(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "finished.json").is_file()
+    return (folder / "config.json").is_file() and (folder / FINISHED).is_file()
 
 
 class Chain:
@@ -90,7 +91,7 @@ def rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise PipelineError("--model and --prompts are required (make onpolicy MODEL=dir PROMPTS=file ROUNDS=n)")
     if args.rounds < 1:
         raise PipelineError(f"--rounds {args.rounds}: at least 1")
-    reason = unfinished(args.model)
+    reason = unfinished(args.model)  # its hint (rerun train-student) fits what MODEL= usually is
     if reason or not (args.model / "config.json").is_file():
         raise PipelineError(reason or f"{args.model}: no config.json; MODEL= is a finished student or a Hugging "
                                       "Face Gemma 2 folder")
@@ -114,9 +115,9 @@ def rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             print(f"\n== round {r}/{args.rounds}: {student} is finished; skipped", flush=True)
         summary.append({"round": r, "sampled_by": str(current), "student": str(student),
-                        "rollout_windows": read_json(rollouts / "train" / "manifest.json", "the round's rollouts")["rows"]
+                        "rollout_windows": read_manifest(rollouts / "train", "tokens", check_files=False).rows
                         if finished_cache(rollouts) else None,
-                        **{k: v for k, v in read_json(student / "finished.json", "the round's student").items()
+                        **{k: v for k, v in read_json(student / FINISHED, "the round's student").items()
                            if isinstance(v, (int, float))}})
         current = student
     return summary

@@ -11,10 +11,11 @@ import pytest
 from pipeline import filters
 from pipeline.corpus import CorpusSpec, is_val
 from pipeline.errors import PipelineError
-from pipeline.filters import FilterConfig, Sketch, Sketches, decide, scrub
+from pipeline.filters import FilterConfig, Sketch, decide, scrub
 from pipeline.tokenizer import BOS, EOS
 from pipeline.tokens import TokenizeConfig, build_token_shards
 from schemas.manifest import read_manifest
+from tests.pipeline.test_filter_partitions import sketch_units
 from tests.pipeline.test_tokens import unit_streams
 
 # ---------------------------------------------------------------- personal information
@@ -105,14 +106,7 @@ def test_lsh_bands_follow_the_threshold():
 def test_decide_keeps_first_occurrences_in_unit_order(tmp_path):
     """Unit 1 repeats a document of unit 0 and one of itself: the later copies go, whatever unit they are in."""
     flt = FilterConfig(filters="exact", min_chars=3).resolve("text")
-    units = []
-    for texts in (["alpha beta", "gamma", "no"], ["Gamma", "delta", "delta  ", "alpha  BETA"]):
-        sketches = Sketches()
-        for t in texts:
-            s = Sketch(flt)
-            s.update(t)
-            sketches.add(s)
-        units.append(sketches.arrays(flt))
+    units = sketch_units([["alpha beta", "gamma", "no"], ["Gamma", "delta", "delta  ", "alpha  BETA"]], flt)
     codes = decide(units, flt, tmp_path)
     E, L = filters.EXACT, filters.LENGTH
     assert [c.tolist() for c in codes] == [[0, 0, L], [E, 0, E, E]]
